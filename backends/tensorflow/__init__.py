@@ -1,0 +1,1 @@
+"""The tensorflow backend plugin of moe-router."""

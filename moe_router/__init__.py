@@ -1,0 +1,47 @@
+"""moe-router: Mixture-of-Experts routing written once, run on NumPy, PyTorch, JAX and TensorFlow.
+
+``import moe_router`` imports no deep-learning framework; backends load when an array of their
+framework is first routed (or when ``moe_router.torch`` / ``.flax`` / ``.keras`` is imported).
+"""
+
+from . import losses
+from .api import route
+from .backend import Backend
+from .complexity import init_router_state
+from .config import MoEConfig, RouterConfig
+from .errors import (
+    BackendNotFoundError,
+    ConfigError,
+    InputError,
+    InputTypeError,
+    MoERouterError,
+    UnknownNameError,
+)
+from .hookspecs import hookimpl
+from .plan import RouterLosses, RouterState, RoutingPlan, RoutingStats
+from .registry import backend_for, default_registry, get_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "BackendNotFoundError",
+    "ConfigError",
+    "InputError",
+    "InputTypeError",
+    "MoEConfig",
+    "MoERouterError",
+    "RouterConfig",
+    "RouterLosses",
+    "RouterState",
+    "RoutingPlan",
+    "RoutingStats",
+    "UnknownNameError",
+    "backend_for",
+    "default_registry",
+    "get_backend",
+    "hookimpl",
+    "init_router_state",
+    "losses",
+    "route",
+]

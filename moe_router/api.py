@@ -1,0 +1,179 @@
+"""``route()``: router logits in, an immutable :class:`~moe_router.plan.RoutingPlan` out.
+
+The same code runs on every backend: validation (eager only), float32 upcast, training noise,
+the strategy, route_scale, capacity, then losses and statistics computed with backend ops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .backend import Array, Backend
+from .config import RouterConfig
+from .dispatch import apply_capacity
+from .errors import InputError, InputTypeError
+from .losses import entropy_from_logits, load_balancing_from_probs, z_loss_from_logits
+from .plan import RouterLosses, RouterState, RoutingPlan, RoutingStats
+from .registry import backend_for, default_registry, get_backend
+from .routing.context import RoutingContext
+
+
+def route(router_logits_TE: Array, config: RouterConfig, *, hidden_TD: Array | None = None,
+          token_ids_T: Array | None = None, attention_probs: Array | None = None,
+          complexity_scores_T: Array | None = None, expert_bias_E: Array | None = None,
+          mask_T: Array | None = None, training: bool = False,
+          state: RouterState | None = None, rng: Any = None,
+          backend: str | Backend | None = None) -> RoutingPlan:
+    """Route T tokens to experts.
+
+    Args:
+        router_logits_TE: ``(T, E + N)`` float router logits (N null experts); any registered
+            framework; the plan's arrays are of the same framework.
+        config: the :class:`RouterConfig`.
+        hidden_TD: ``(T, D)`` hidden states (``hidden_norm`` estimator).
+        token_ids_T: ``(T,)`` int token ids (``hash`` strategy).
+        attention_probs: ``(T, S)`` or ``(H, T, S)`` attention probabilities
+            (``attention_entropy`` estimator).
+        complexity_scores_T: ``(T,)`` float scores (``external`` estimator).
+        expert_bias_E: ``(E,)`` aux-free balancing bias, added to the selection scores only.
+        mask_T: ``(T,)`` 1 = real token, 0 = padding; applies to losses and statistics.
+        training: training step: router noise (if configured) and controller updates.
+        state: controller state (top-p controller, complexity calibration); the updated state is
+            ``plan.state``.
+        rng: seed / generator / PRNG key for training noise.
+        backend: force a backend by name or instance (default: from the logits' type).
+    """
+    b = get_backend(backend) if backend is not None else backend_for(router_logits_TE)
+    logits_TE = _validate_logits(b, router_logits_TE, config)
+    T = b.dim(logits_TE, 0)
+    _validate_optional(b, config, T, hidden_TD=hidden_TD, token_ids_T=token_ids_T,
+                       complexity_scores_T=complexity_scores_T, expert_bias_E=expert_bias_E,
+                       mask_T=mask_T)
+    if training and config.noise != "none" and config.noise_std > 0:
+        logits_TE = _add_noise(b, logits_TE, config, rng)
+    if config.score_func == "sigmoid":
+        probs_TE = b.sigmoid(logits_TE)
+    else:
+        probs_TE = b.softmax(logits_TE, axis=-1)
+    if expert_bias_E is not None:
+        expert_bias_E = b.cast(expert_bias_E, "float32")
+    ctx = RoutingContext(
+        backend=b, config=config, logits=logits_TE, probs=probs_TE, hidden=hidden_TD,
+        token_ids=token_ids_T, attention_probs=attention_probs,
+        complexity_scores=None if complexity_scores_T is None else b.cast(complexity_scores_T,
+                                                                          "float32"),
+        expert_bias=expert_bias_E, training=training, state=state)
+    selection = default_registry().strategy(config.strategy)(ctx)
+    indices_TK, weights_TK = selection.indices, b.cast(selection.weights, "float32")
+    if config.route_scale != 1.0:
+        weights_TK = weights_TK * float(config.route_scale)
+    capacity = None if config.strategy == "expert_choice" else _capacity(b, config, T, logits_TE)
+    indices_TK, weights_TK, num_dropped = apply_capacity(
+        b, indices_TK, weights_TK, capacity, config.num_experts, config.drop_policy)
+    num_per_token_T = b.sum(indices_TK >= 0, axis=-1)
+    expert_counts_E = b.bincount(indices_TK, config.num_experts)
+    losses = _losses(b, logits_TE, indices_TK, config, mask_T)
+    stats = _stats(b, num_per_token_T, expert_counts_E, losses.entropy, config, mask_T,
+                   logits_TE)
+    return RoutingPlan(expert_indices=indices_TK, expert_weights=weights_TK,
+                       num_experts_per_token=num_per_token_T, expert_counts=expert_counts_E,
+                       num_dropped=num_dropped, router_probs=probs_TE, losses=losses,
+                       stats=stats, state=selection.state, config=config)
+
+
+# ----- validation ----------------------------------------------------------------------------
+def _validate_logits(b: Backend, logits: Array, config: RouterConfig) -> Array:
+    shape = b.shape(logits)
+    if len(shape) != 2:
+        raise InputError("router_logits_TE", f"expected rank 2 (T, E), got shape {shape}; "
+                         "flatten leading dimensions first")
+    if shape[1] is not None and shape[1] != config.num_choices:
+        raise InputError("router_logits_TE", f"width {shape[1]} != num_experts + "
+                         f"num_null_experts = {config.num_choices}")
+    if b.dtype_kind(logits) != "f":
+        raise InputTypeError("router_logits_TE", f"expected a floating dtype (float16/bfloat16/"
+                             f"float32/float64), got kind {b.dtype_kind(logits)!r}")
+    logits = b.cast(logits, "float32")
+    if config.nan_policy == "raise" and not b.is_tracing(logits) and not b.all_finite(logits):
+        raise InputError("router_logits_TE", "contains NaN or Inf (nan_policy='raise'; set "
+                         "nan_policy='ignore' to route them anyway)")
+    return logits
+
+
+def _check_vector(b: Backend, name: str, x: Array, T: Any, kinds: str, what: str) -> None:
+    shape = b.shape(x)
+    if len(shape) != 1 or (isinstance(T, int) and shape[0] is not None and shape[0] != T):
+        raise InputError(name, f"expected shape ({T},), got {shape}")
+    if b.dtype_kind(x) not in kinds:
+        raise InputTypeError(name, f"expected {what}, got dtype kind {b.dtype_kind(x)!r}")
+
+
+def _validate_optional(b: Backend, config: RouterConfig, T: Any, **arrays: Array | None) -> None:
+    token_ids, scores = arrays["token_ids_T"], arrays["complexity_scores_T"]
+    if token_ids is not None:
+        _check_vector(b, "token_ids_T", token_ids, T, "iu", "an integer dtype")
+    if scores is not None:
+        _check_vector(b, "complexity_scores_T", scores, T, "fiu", "a numeric dtype")
+    if arrays["mask_T"] is not None:
+        _check_vector(b, "mask_T", arrays["mask_T"], T, "fiub", "a bool or numeric dtype")
+    bias = arrays["expert_bias_E"]
+    if bias is not None:
+        _check_vector(b, "expert_bias_E", bias, config.num_experts, "f", "a floating dtype")
+    hidden = arrays["hidden_TD"]
+    if hidden is not None:
+        shape = b.shape(hidden)
+        if len(shape) != 2 or (isinstance(T, int) and shape[0] not in (None, T)):
+            raise InputError("hidden_TD", f"expected shape ({T}, D), got {shape}")
+
+
+# ----- pieces of the plan ----------------------------------------------------------------------
+def _add_noise(b: Backend, logits_TE: Array, config: RouterConfig, rng: Any) -> Array:
+    std = float(config.noise_std)
+    if config.noise == "normal":
+        return logits_TE + std * b.random_normal(rng, logits_TE)
+    uniform = b.random_uniform(rng, logits_TE)
+    if config.noise == "gumbel":
+        u = b.minimum(b.maximum(uniform, 1e-7), 1.0 - 1e-7)
+        return logits_TE + std * -b.log(-b.log(u))
+    return logits_TE * (1.0 + std * (2.0 * uniform - 1.0))  # "jitter"
+
+
+def _capacity(b: Backend, config: RouterConfig, T: Any, like: Array) -> Any:
+    if config.capacity_factor is None:
+        return None
+    if isinstance(T, int):
+        return config.capacity(T)
+    T_f = b.cast(b.asarray(T, like=like), "float32")
+    slots = b.ceil(T_f * (config.capacity_factor * config.nominal_experts / config.num_experts))
+    return b.cast(b.maximum(slots, 1.0), "int")
+
+
+def _losses(b: Backend, logits_TE: Array, indices_TK: Array, config: RouterConfig,
+            mask_T: Array | None) -> RouterLosses:
+    probs_TE = b.softmax(logits_TE, axis=-1)[:, : config.num_experts]
+    balance = load_balancing_from_probs(b, probs_TE, indices_TK, config.num_experts,
+                                        config.balance_convention, mask_T)
+    z_loss = z_loss_from_logits(b, logits_TE, mask_T)
+    entropy = entropy_from_logits(b, logits_TE, mask_T)
+    total = (config.aux_loss_coef * balance + config.z_loss_coef * z_loss
+             + config.entropy_loss_coef * entropy)
+    return RouterLosses(load_balancing=balance, z_loss=z_loss, entropy=entropy, total=total)
+
+
+def _stats(b: Backend, num_per_token_T: Array, counts_E: Array, entropy: Array,
+           config: RouterConfig, mask_T: Array | None, like: Array) -> RoutingStats:
+    k_T = num_per_token_T
+    if mask_T is not None:
+        real_T = b.cast(b.reshape(mask_T, (-1,)), "float32") > 0.0
+        k_T = b.where(real_T, num_per_token_T, -1)
+        n_real = b.maximum(b.sum(b.cast(real_T, "float32")), 1.0)
+        mean_k = b.sum(b.cast(b.where(real_T, num_per_token_T, 0), "float32")) / n_real
+    else:
+        n_tokens = b.maximum(b.cast(b.asarray(b.dim(like, 0), like=like), "float32"), 1.0)
+        mean_k = b.sum(b.cast(num_per_token_T, "float32")) / n_tokens
+    loads_E = b.cast(counts_E, "float32")
+    return RoutingStats(mean_experts=mean_k,
+                        k_histogram=b.bincount(k_T, config.max_slots + 1),
+                        router_entropy=entropy,
+                        max_load=b.max(loads_E),
+                        mean_load=b.sum(loads_E) / float(config.num_experts))

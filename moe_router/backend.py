@@ -1,0 +1,178 @@
+"""The Backend interface: the few array primitives routing, dispatch and losses are written on.
+
+Every routing strategy, the capacity policy, the losses and the statistics are written once
+against this class; a framework backend (NumPy, PyTorch, JAX, TensorFlow, or a third party's)
+only implements these methods. Python operators (``+ - * / < <= == & | ~``), basic slicing
+(``x[:, :K]``) and ``einops`` rearranges are used directly on the arrays, since every supported
+framework provides them. Mixed dtypes are never relied on: code casts explicitly with
+:meth:`Backend.cast` (TensorFlow refuses ``int32 + float32``).
+
+Dtype names used across the interface: ``"float32"``, ``"int"`` (the backend's index dtype:
+int64 for NumPy and PyTorch, int32 for JAX and TensorFlow) and ``"bool"``.
+
+Contract that the conformance suite checks on every backend:
+- :meth:`argsort_desc` and :meth:`top_k` are *stable*: equal values keep ascending index order
+  (ties go to the lower expert index).
+- :meth:`one_hot` of ``-1`` is an all-zero row, and :meth:`bincount` ignores ``-1``.
+- Nothing here may have Python side effects on traced values (jit / tf.function / compile).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+Array = Any  # a framework array: numpy.ndarray, torch.Tensor, jax.Array, tf.Tensor
+DType = str  # "float32" | "int" | "bool"
+
+
+class Backend(abc.ABC):
+    """Array primitives of one framework. Subclasses are stateless and cheap to construct."""
+
+    #: registry name, e.g. ``"numpy"``
+    name: str = ""
+    #: the framework's top-level module, e.g. ``"torch"``; the registry only considers a backend
+    #: whose framework module is already imported
+    framework: str = ""
+
+    # ----- types, conversion, shapes ----------------------------------------------------------
+    @abc.abstractmethod
+    def is_array(self, x: Any) -> bool:
+        """True when ``x`` is an array of this framework."""
+
+    @abc.abstractmethod
+    def asarray(self, x: Any, dtype: DType | None = None, like: Array | None = None) -> Array:
+        """Convert ``x`` (array, list, NumPy array or scalar) to this framework, on ``like``'s device."""
+
+    @abc.abstractmethod
+    def to_numpy(self, x: Array) -> Any:
+        """A NumPy copy of ``x`` (eager only)."""
+
+    @abc.abstractmethod
+    def cast(self, x: Array, dtype: DType) -> Array:
+        """``x`` converted to ``dtype``."""
+
+    @abc.abstractmethod
+    def dtype_kind(self, x: Array) -> str:
+        """NumPy-style kind of ``x``'s dtype: ``'f'`` float, ``'i'``/``'u'`` int, ``'b'`` bool, ``'c'``."""
+
+    @abc.abstractmethod
+    def shape(self, x: Array) -> tuple[int | None, ...]:
+        """Static shape; ``None`` for a dimension unknown at trace time."""
+
+    @abc.abstractmethod
+    def dim(self, x: Array, axis: int) -> Any:
+        """Size of ``axis``: a Python int when static, else a scalar int array."""
+
+    def is_tracing(self, x: Array) -> bool:
+        """True when ``x`` is a symbolic value (jit / tf.function / compile): no data checks then."""
+        return False
+
+    # ----- creation ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def arange(self, n: Any, like: Array) -> Array:
+        """``[0, 1, ..., n-1]`` with the index dtype, on ``like``'s device."""
+
+    @abc.abstractmethod
+    def full(self, shape: tuple[Any, ...], value: float | int | bool, dtype: DType,
+             like: Array) -> Array:
+        """An array of ``shape`` filled with ``value``."""
+
+    # ----- elementwise and reductions ---------------------------------------------------------
+    @abc.abstractmethod
+    def exp(self, x: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def log(self, x: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def sigmoid(self, x: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def softmax(self, x: Array, axis: int = -1) -> Array: ...
+
+    @abc.abstractmethod
+    def log_softmax(self, x: Array, axis: int = -1) -> Array: ...
+
+    @abc.abstractmethod
+    def logsumexp(self, x: Array, axis: int = -1) -> Array: ...
+
+    @abc.abstractmethod
+    def where(self, cond: Array, a: Array, b: Array) -> Array:
+        """Elementwise select; ``a`` and ``b`` may be Python scalars."""
+
+    @abc.abstractmethod
+    def maximum(self, a: Array, b: Array | float) -> Array: ...
+
+    @abc.abstractmethod
+    def minimum(self, a: Array, b: Array | float) -> Array: ...
+
+    @abc.abstractmethod
+    def floor(self, x: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def ceil(self, x: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def sqrt(self, x: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def sum(self, x: Array, axis: int | None = None) -> Array:
+        """Sum; bool arrays count as int."""
+
+    @abc.abstractmethod
+    def max(self, x: Array, axis: int | None = None) -> Array: ...
+
+    @abc.abstractmethod
+    def cumsum(self, x: Array, axis: int) -> Array: ...
+
+    @abc.abstractmethod
+    def all_finite(self, x: Array) -> bool:
+        """Eager only: True when no NaN/Inf is in ``x``."""
+
+    # ----- selection ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def argsort_desc(self, x: Array, axis: int = -1) -> Array:
+        """Indices that sort ``x`` descending along ``axis``; stable (ties: lower index first)."""
+
+    def top_k(self, x: Array, k: int) -> tuple[Array, Array]:
+        """The ``k`` largest along the last axis, descending, ties to the lower index."""
+        idx = self.argsort_desc(x, axis=-1)[..., :k]
+        return self.take_along_axis(x, idx, axis=-1), idx
+
+    @abc.abstractmethod
+    def take_along_axis(self, x: Array, idx: Array, axis: int) -> Array:
+        """NumPy ``take_along_axis``; ``idx`` entries are valid indices (no -1)."""
+
+    @abc.abstractmethod
+    def gather_rows(self, x: Array, idx: Array) -> Array:
+        """``x[idx]`` along axis 0 for a 1-D index array of valid indices."""
+
+    @abc.abstractmethod
+    def one_hot(self, idx: Array, n: int, dtype: DType = "float32") -> Array:
+        """One-hot over a new last axis of size ``n``; ``-1`` gives an all-zero row."""
+
+    def bincount(self, idx: Array, n: int) -> Array:
+        """Counts of each value in ``[0, n)`` over all of ``idx`` (index dtype); ``-1`` ignored."""
+        flat = self.reshape(idx, (-1,))
+        return self.sum(self.one_hot(flat, n, dtype="int"), axis=0)
+
+    @abc.abstractmethod
+    def reshape(self, x: Array, shape: tuple[Any, ...]) -> Array: ...
+
+    @abc.abstractmethod
+    def concat(self, xs: list[Array], axis: int) -> Array: ...
+
+    # ----- randomness (training-time router noise only) ---------------------------------------
+    @abc.abstractmethod
+    def random_uniform(self, rng: Any, like: Array) -> Array:
+        """Uniform [0, 1) float32 noise of ``like``'s shape from ``rng`` (a seed, generator, key
+        or ``None`` for the framework default generator where one exists)."""
+
+    @abc.abstractmethod
+    def random_normal(self, rng: Any, like: Array) -> Array:
+        """Standard normal float32 noise of ``like``'s shape from ``rng`` (as above)."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+

@@ -1,0 +1,450 @@
+"""Frozen, validated configuration: :class:`RouterConfig` and :class:`MoEConfig`.
+
+Configs are plain frozen data: hashable (they key caches and jit compilations), comparable, and
+validated once in ``__post_init__`` with a :class:`~moe_router.errors.ConfigError` that names the
+field, the value and what is allowed. Semantics of every routing field: ``ROUTING.md`` and
+``docs/routing.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+BUILTIN_STRATEGIES = (
+    "top_k",
+    "top_p",
+    "threshold",
+    "relu",
+    "expert_choice",
+    "hash",
+    "complexity",
+)
+DYNAMIC_STRATEGIES = ("top_p", "threshold", "relu", "expert_choice", "complexity")
+BUILTIN_ESTIMATORS = ("router_entropy", "hidden_norm", "attention_entropy", "external")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
+
+ScoreFunc = Literal["softmax", "sigmoid"]
+DropPolicy = Literal["position", "probability"]
+NoiseType = Literal["none", "normal", "gumbel", "jitter"]
+NanPolicy = Literal["raise", "ignore"]
+LossConvention = Literal["switch", "hf"]
+
+
+def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(field, value, allowed)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """How tokens choose experts. Every field is documented in ``docs/routing.md``.
+
+    Attributes:
+        num_experts: E, the number of real experts (null experts excluded).
+        strategy: one of ``top_k, top_p, threshold, relu, expert_choice, hash, complexity`` or a
+            strategy registered through the ``moe_router_strategies`` hook.
+        k: experts per token for ``top_k`` and ``hash``.
+        top_p: cumulative probability for ``top_p`` (0 < p <= 1).
+        threshold: cumulative probability bound for ``threshold`` (0 < t <= 1).
+        min_experts / max_experts: clamp of dynamic strategies; ``max_experts`` (K) is also the
+            static width of the routing plan. ``None`` means ``k`` for fixed strategies and
+            ``num_experts`` for dynamic ones.
+        target_experts: desired mean experts/token for ``complexity`` and the top-p controller.
+        score_func: ``softmax`` or ``sigmoid`` scores.
+        normalize_weights: renormalize the selected weights; ``None`` = the strategy's default.
+        capacity_factor: ``None`` = dropless; else C = ceil(cf * T * k_nominal / E) slots/expert.
+        drop_policy: who keeps capacity: ``position`` (first choices first, then token order)
+            or ``probability`` (batch-prioritized by weight).
+        num_null_experts: N extra router outputs that cost nothing (AdaMoE).
+        use_expert_bias: add the aux-loss-free balancing bias to the selection scores.
+        bias_update_rate: u in ``b += u * sign(mean_load - load)``.
+        num_groups / topk_groups: DeepSeek-V3 group-limited routing.
+        route_scale: multiplier applied to the final weights (DeepSeek ``routed_scaling_factor``).
+        complexity_estimator: estimator for ``complexity`` (``router_entropy`` by default).
+        complexity_spread: width w of the k ramp around ``target_experts`` (``None`` = widest
+            symmetric ramp that fits in [min_experts, max_experts]).
+        noise / noise_std: router noise, applied only when routing with ``training=True``.
+        aux_loss_coef / z_loss_coef / entropy_loss_coef: loss weights in ``plan.losses.total``.
+        balance_convention: ``switch`` (1.0 at balance) or ``hf`` (transformers' Mixtral).
+        causal: the model is autoregressive; strategies that look across tokens are refused.
+        controller_rate: step size of the top-p / complexity controllers (training only).
+        hash_seed / hash_buckets: the fixed random table of ``hash`` routing.
+        nan_policy: ``raise`` on NaN/Inf logits (eager only), or ``ignore``.
+        balanced_debug: route tokens round-robin (ignore the logits) to debug balance issues.
+    """
+
+    num_experts: int
+    strategy: str = "top_k"
+    k: int = 2
+    top_p: float = 0.4
+    threshold: float = 0.9
+    min_experts: int = 1
+    max_experts: int | None = None
+    target_experts: float | None = None
+    score_func: ScoreFunc = "softmax"
+    normalize_weights: bool | None = None
+    capacity_factor: float | None = None
+    drop_policy: DropPolicy = "position"
+    num_null_experts: int = 0
+    use_expert_bias: bool = False
+    bias_update_rate: float = 1e-3
+    num_groups: int | None = None
+    topk_groups: int | None = None
+    route_scale: float = 1.0
+    complexity_estimator: str = "router_entropy"
+    complexity_spread: float | None = None
+    noise: NoiseType = "none"
+    noise_std: float = 1.0
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    entropy_loss_coef: float = 0.0
+    balance_convention: LossConvention = "switch"
+    causal: bool = False
+    controller_rate: float = 0.01
+    hash_seed: int = 0
+    hash_buckets: int = 65536
+    nan_policy: NanPolicy = "raise"
+    balanced_debug: bool = False
+
+    def __post_init__(self) -> None:  # noqa: C901 - one flat list of checks reads best
+        E = self.num_experts
+        _check(_is_int(E) and E >= 1, "num_experts", E, "an int >= 1")
+        _check(isinstance(self.strategy, str) and bool(self.strategy), "strategy", self.strategy,
+               f"a registered strategy name (built in: {', '.join(BUILTIN_STRATEGIES)})")
+        _check(_is_int(self.k) and 1 <= self.k <= self.num_choices, "k", self.k,
+               f"an int in [1, num_experts + num_null_experts] = [1, {self.num_choices}]")
+        _check(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", self.top_p,
+               "a float in (0, 1]")
+        _check(_is_number(self.threshold) and 0.0 < self.threshold <= 1.0, "threshold",
+               self.threshold, "a float in (0, 1]")
+        _check(_is_int(self.min_experts) and 0 <= self.min_experts <= E, "min_experts",
+               self.min_experts, f"an int in [0, num_experts] = [0, {E}]")
+        if self.max_experts is not None:
+            _check(_is_int(self.max_experts) and 1 <= self.max_experts <= E, "max_experts",
+                   self.max_experts, f"an int in [1, num_experts] = [1, {E}] or None")
+        _check(self.min_experts <= self.max_slots, "min_experts", self.min_experts,
+               f"<= max_experts ({self.max_slots})")
+        if self.target_experts is not None:
+            _check(_is_number(self.target_experts)
+                   and self.min_experts <= self.target_experts <= self.max_slots,
+                   "target_experts", self.target_experts,
+                   f"a number in [min_experts, max_experts] = [{self.min_experts}, {self.max_slots}]")
+        _check(self.score_func in ("softmax", "sigmoid"), "score_func", self.score_func,
+               "'softmax' or 'sigmoid'")
+        _check(self.normalize_weights in (None, True, False), "normalize_weights",
+               self.normalize_weights, "True, False or None")
+        if self.capacity_factor is not None:
+            _check(_is_number(self.capacity_factor) and self.capacity_factor > 0,
+                   "capacity_factor", self.capacity_factor, "a number > 0 or None (dropless)")
+        _check(self.drop_policy in ("position", "probability"), "drop_policy", self.drop_policy,
+               "'position' or 'probability'")
+        _check(_is_int(self.num_null_experts) and self.num_null_experts >= 0, "num_null_experts",
+               self.num_null_experts, "an int >= 0")
+        if self.num_null_experts:
+            _check(self.strategy == "top_k", "num_null_experts", self.num_null_experts,
+                   "0 unless strategy='top_k' (null experts are a top-k variant)")
+        _check(_is_number(self.bias_update_rate) and self.bias_update_rate >= 0,
+               "bias_update_rate", self.bias_update_rate, "a number >= 0")
+        self._check_groups()
+        _check(_is_number(self.route_scale) and self.route_scale > 0, "route_scale",
+               self.route_scale, "a number > 0")
+        _check(isinstance(self.complexity_estimator, str) and bool(self.complexity_estimator),
+               "complexity_estimator", self.complexity_estimator,
+               f"a registered estimator name (built in: {', '.join(BUILTIN_ESTIMATORS)})")
+        if self.complexity_spread is not None:
+            _check(_is_number(self.complexity_spread) and self.complexity_spread > 0,
+                   "complexity_spread", self.complexity_spread, "a number > 0 or None")
+        _check(self.noise in ("none", "normal", "gumbel", "jitter"), "noise", self.noise,
+               "'none', 'normal', 'gumbel' or 'jitter'")
+        _check(_is_number(self.noise_std) and self.noise_std >= 0, "noise_std", self.noise_std,
+               "a number >= 0")
+        for name in ("aux_loss_coef", "z_loss_coef", "entropy_loss_coef", "controller_rate"):
+            value = getattr(self, name)
+            _check(_is_number(value) and value >= 0, name, value, "a number >= 0")
+        _check(self.balance_convention in ("switch", "hf"), "balance_convention",
+               self.balance_convention, "'switch' or 'hf'")
+        _check(isinstance(self.causal, bool), "causal", self.causal, "a bool")
+        if self.causal:
+            _check(self.strategy != "expert_choice", "strategy", self.strategy,
+                   "a token-choice strategy when causal=True (expert_choice looks at future "
+                   "tokens of the batch)")
+        _check(_is_int(self.hash_seed), "hash_seed", self.hash_seed, "an int")
+        _check(_is_int(self.hash_buckets) and self.hash_buckets >= 1, "hash_buckets",
+               self.hash_buckets, "an int >= 1")
+        _check(self.nan_policy in ("raise", "ignore"), "nan_policy", self.nan_policy,
+               "'raise' or 'ignore'")
+
+    def _check_groups(self) -> None:
+        if self.num_groups is None:
+            _check(self.topk_groups is None, "topk_groups", self.topk_groups,
+                   "None when num_groups is None")
+            return
+        E = self.num_experts
+        _check(_is_int(self.num_groups) and self.num_groups >= 1 and E % self.num_groups == 0,
+               "num_groups", self.num_groups, f"an int >= 1 that divides num_experts={E}")
+        per_group = E // self.num_groups
+        topk_groups = self.topk_groups if self.topk_groups is not None else self.num_groups
+        _check(_is_int(topk_groups) and 1 <= topk_groups <= self.num_groups, "topk_groups",
+               self.topk_groups, f"an int in [1, num_groups={self.num_groups}]")
+        _check(topk_groups * per_group >= self.max_slots, "topk_groups", self.topk_groups,
+               f"enough groups to hold max_experts={self.max_slots} experts "
+               f"({per_group} experts per group)")
+
+    # ----- derived, static quantities -------------------------------------------------------
+    @property
+    def num_choices(self) -> int:
+        """Router outputs: real experts plus null experts (E + N)."""
+        return self.num_experts + self.num_null_experts
+
+    @property
+    def is_dynamic(self) -> bool:
+        """True when the number of experts per token varies by token."""
+        return self.strategy in DYNAMIC_STRATEGIES or self.num_null_experts > 0
+
+    @property
+    def max_slots(self) -> int:
+        """K, the static width of ``expert_indices`` (max experts per token)."""
+        if self.max_experts is not None:
+            return self.max_experts
+        if self.strategy in ("top_k", "hash"):
+            return min(self.k, self.num_experts)
+        return self.num_experts
+
+    @property
+    def nominal_experts(self) -> float:
+        """Experts/token used to size capacity: k, else target_experts, else max_experts."""
+        if self.strategy in ("top_k", "hash"):
+            return float(min(self.k, self.num_experts))
+        if self.target_experts is not None:
+            return float(self.target_experts)
+        return float(self.max_slots)
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Slots per expert, C = ceil(cf * T * nominal_experts / E); ``None`` when dropless."""
+        if self.capacity_factor is None:
+            return None
+        return max(1, math.ceil(self.capacity_factor * num_tokens * self.nominal_experts
+                                / self.num_experts))
+
+    def replace(self, **changes: Any) -> RouterConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ----- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RouterConfig:
+        """Build from a mapping; unknown keys raise a :class:`ConfigError` naming them."""
+        return _from_mapping(cls, data)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> RouterConfig:
+        """Build from ``MOE_*`` environment variables (see :func:`env_variables`)."""
+        values = _read_env(cls, os.environ if environ is None else environ)
+        values.update(overrides)
+        return _from_mapping(cls, values)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> RouterConfig:
+        """Read a JSON file: top-level fields, or a ``router_config`` / ``router`` section."""
+        data = _load_json(path)
+        return _from_mapping(cls, _section(data, ("router_config", "router")) or data)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """A whole MoE layer: the router plus the experts.
+
+    Attributes:
+        d_model: D, width of the tokens.
+        d_ff: F, hidden width of one expert.
+        router: the :class:`RouterConfig`.
+        activation: ``swiglu`` / ``geglu`` (gated, three matrices) or ``gelu`` / ``relu`` / ``silu``.
+        num_shared_experts: always-on experts; stored as one FFN of width ``shared_d_ff``.
+        shared_d_ff: width of the shared FFN (``None`` = ``d_ff * num_shared_experts``).
+        shared_expert_gate: scale the shared output by sigmoid(x @ w) (Qwen2-MoE).
+        router_bias: give the router linear layer a bias.
+        init_std: std of the normal initialisation of all weights.
+        dispatch: expert-compute implementation; ``auto`` lets the backend pick the fastest exact
+            one. Backends document their names (e.g. ``grouped_mm``, ``loop``, ``capacity``).
+    """
+
+    d_model: int
+    d_ff: int
+    router: RouterConfig
+    activation: str = "swiglu"
+    num_shared_experts: int = 0
+    shared_d_ff: int | None = None
+    shared_expert_gate: bool = False
+    router_bias: bool = False
+    init_std: float = 0.02
+    dispatch: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.d_model) and self.d_model >= 1, "d_model", self.d_model, "an int >= 1")
+        _check(_is_int(self.d_ff) and self.d_ff >= 1, "d_ff", self.d_ff, "an int >= 1")
+        _check(isinstance(self.router, RouterConfig), "router", self.router, "a RouterConfig")
+        _check(self.activation in ACTIVATIONS, "activation", self.activation,
+               f"one of {', '.join(ACTIVATIONS)}")
+        _check(_is_int(self.num_shared_experts) and self.num_shared_experts >= 0,
+               "num_shared_experts", self.num_shared_experts, "an int >= 0")
+        if self.shared_d_ff is not None:
+            _check(_is_int(self.shared_d_ff) and self.shared_d_ff >= 1, "shared_d_ff",
+                   self.shared_d_ff, "an int >= 1 or None")
+        _check(not self.shared_expert_gate or self.has_shared, "shared_expert_gate",
+               self.shared_expert_gate, "False when there is no shared expert")
+        _check(_is_number(self.init_std) and self.init_std > 0, "init_std", self.init_std,
+               "a number > 0")
+        _check(isinstance(self.dispatch, str) and bool(self.dispatch), "dispatch", self.dispatch,
+               "an implementation name ('auto' picks one)")
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    @property
+    def is_gated(self) -> bool:
+        """True for GLU experts (three matrices: gate, up, down)."""
+        return self.activation in ("swiglu", "geglu")
+
+    @property
+    def has_shared(self) -> bool:
+        return self.num_shared_experts > 0 or self.shared_d_ff is not None
+
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of the shared FFN (0 when there is none)."""
+        if self.shared_d_ff is not None:
+            return self.shared_d_ff
+        return self.d_ff * self.num_shared_experts
+
+    @property
+    def expert_flops_per_token(self) -> int:
+        """Multiply-add FLOPs (2 per MAC) of one routed expert for one token."""
+        matrices = 3 if self.is_gated else 2
+        return 2 * matrices * self.d_model * self.d_ff
+
+    def replace(self, **changes: Any) -> MoEConfig:
+        return dataclasses.replace(self, **changes)
+
+    def with_router(self, **changes: Any) -> MoEConfig:
+        """A copy whose router has ``changes`` applied, e.g. ``strategy='top_p'``."""
+        return dataclasses.replace(self, router=self.router.replace(**changes))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MoEConfig:
+        data = dict(data)
+        router = _section(data, ("router_config", "router"))
+        for key in ("router_config", "router"):
+            data.pop(key, None)
+        if not isinstance(router, RouterConfig):
+            router = RouterConfig.from_dict(router or {})
+        return _from_mapping(cls, {**data, "router": router})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> MoEConfig:
+        """Build from ``MOE_*`` variables: router fields and ``MOE_INPUT_DIM`` (d_model) etc."""
+        env = os.environ if environ is None else environ
+        values = _read_env(cls, env)
+        values.pop("router", None)
+        values.update(overrides)
+        if "router" not in values:
+            values["router"] = RouterConfig.from_env(env)
+        return _from_mapping(cls, values)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> MoEConfig:
+        """Read JSON: fields at top level or under ``moe_config``; router under ``router_config``."""
+        data = _load_json(path)
+        moe = _section(data, ("moe_config", "moe")) or data
+        if _section(moe, ("router_config", "router")) is None:
+            moe = {**moe, "router_config": _section(data, ("router_config", "router")) or {}}
+        return cls.from_dict(moe)
+
+
+# ----- environment and JSON ------------------------------------------------------------------
+#: Aliases of the documented environment variables; every other field is ``MOE_<FIELD>``.
+ENV_ALIASES: dict[str, str] = {
+    "MOE_INPUT_DIM": "d_model",
+    "MOE_HIDDEN_DIM": "d_ff",
+    "MOE_ROUTING_STRATEGY": "strategy",
+    "MOE_TOP_K": "k",
+}
+
+
+def env_variables(cls: type[RouterConfig] | type[MoEConfig]) -> dict[str, str]:
+    """Map of every environment variable ``from_env`` reads for ``cls`` -> field name."""
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "router"}
+    table = {f"MOE_{name.upper()}": name for name in names}
+    table.update({env: field for env, field in ENV_ALIASES.items() if field in names})
+    return table
+
+
+def _read_env(cls: Any, environ: Mapping[str, str]) -> dict[str, Any]:
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for env, field in env_variables(cls).items():
+        if env in environ:
+            values[field] = _parse_env(env, field, str(types[field]), environ[env])
+    return values
+
+
+def _parse_env(env: str, field: str, type_name: str, raw: str) -> Any:
+    text = raw.strip()
+    if text.lower() in ("none", "null", "") and "None" in type_name:
+        return None
+    try:
+        if type_name.startswith("bool"):
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes")
+        if type_name.startswith("int"):
+            return int(text)
+        if type_name.startswith("float"):
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{field} (from ${env})", raw, f"a value of type {type_name}") from None
+    return text
+
+
+def _section(data: Any, names: tuple[str, ...]) -> Any:
+    if not isinstance(data, Mapping):
+        return None
+    for name in names:
+        if name in data:
+            return data[name]
+    return None
+
+
+def _load_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError("path", str(path), f"a valid JSON file ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("path", str(path), "a JSON object at top level")
+    return data
+
+
+def _from_mapping(cls: Any, data: Mapping[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(unknown[0], data[unknown[0]], f"a field of {cls.__name__}: "
+                          f"{', '.join(sorted(known))}")
+    return cls(**dict(data))

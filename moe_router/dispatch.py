@@ -1,0 +1,83 @@
+"""Slot bookkeeping shared by every backend: capacity/drop policy and the sort-by-expert order.
+
+A *slot* is one (token, k) pair of a plan. Dispatch sorts the used slots by expert so each expert
+sees one contiguous block of rows (grouped GEMM), and unused slots go last where they cost
+nothing.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import einops
+
+from .backend import Array, Backend
+from .config import DropPolicy
+from .routing.select import compact
+
+
+def apply_capacity(b: Backend, indices_TK: Array, weights_TK: Array, capacity: int | None,
+                   num_experts: int, policy: DropPolicy) -> tuple[Array, Array, Array]:
+    """Drop slots beyond ``capacity`` per expert; returns ``(indices, weights, num_dropped)``.
+
+    Priority ``position``: every token's first choice before any second choice, then by token
+    position. Priority ``probability``: by weight, highest first (batch-prioritized routing).
+    Dropped slots become unused (``-1`` / ``0.0``; the token keeps its residual path) and the
+    remaining slots are compacted to the front. ``num_dropped`` is an int scalar, never hidden.
+    """
+    used_TK = indices_TK >= 0
+    if capacity is None:
+        return indices_TK, weights_TK, b.sum(used_TK & ~used_TK)
+    T = b.dim(indices_TK, 0)
+    flat_S = einops.rearrange(indices_TK, "t k -> (k t)")  # slot-major: first choices first
+    if policy == "probability":
+        weights_S = einops.rearrange(weights_TK, "t k -> (k t)")
+        order_S = b.argsort_desc(b.where(flat_S >= 0, weights_S, -1.0), axis=-1)
+        position_S = _position_in_expert(b, b.take_along_axis(flat_S, order_S, axis=0),
+                                         num_experts)
+        inverse_S = b.argsort_desc(-b.cast(order_S, "float32"), axis=-1)
+        position_S = b.take_along_axis(position_S, inverse_S, axis=0)
+    else:
+        position_S = _position_in_expert(b, flat_S, num_experts)
+    position_TK = einops.rearrange(position_S, "(k t) -> t k", t=T)
+    keep_TK = used_TK & (position_TK < capacity)
+    num_dropped = b.sum(used_TK & ~keep_TK)
+    indices_TK = b.where(keep_TK, indices_TK, -1)
+    weights_TK = b.where(keep_TK, weights_TK, 0.0)
+    indices_TK, weights_TK = compact(b, indices_TK, weights_TK)
+    return indices_TK, weights_TK, num_dropped
+
+
+def _position_in_expert(b: Backend, expert_S: Array, num_experts: int) -> Array:
+    """For each slot in the given order, how many earlier slots chose the same expert."""
+    onehot_SE = b.one_hot(expert_S, num_experts, dtype="int")
+    before_SE = b.cumsum(onehot_SE, axis=0) - onehot_SE
+    return b.sum(before_SE * onehot_SE, axis=-1)
+
+
+class SlotOrder(NamedTuple):
+    """Used slots sorted by expert.
+
+    Attributes:
+        slot_S: ``(T*K,)`` int flat slot ids (``t * K + k``) sorted by expert, unused slots last.
+        token_S: ``(T*K,)`` int token of each sorted slot.
+        expert_S: ``(T*K,)`` int expert of each sorted slot (``num_experts`` for unused slots).
+        counts_E: ``(E,)`` int used slots per expert; ``offsets`` are their exclusive cumsum.
+    """
+
+    slot_S: Array
+    token_S: Array
+    expert_S: Array
+    counts_E: Array
+
+
+def sort_slots(b: Backend, indices_TK: Array, num_experts: int) -> SlotOrder:
+    """Stable sort of the flat slots by expert (the permutation of sort-based dispatch)."""
+    K = b.shape(indices_TK)[1]
+    assert K is not None
+    flat_S = b.reshape(indices_TK, (-1,))
+    key_S = b.where(flat_S >= 0, flat_S, num_experts)
+    slot_S = b.argsort_desc(-b.cast(key_S, "float32"), axis=-1)
+    return SlotOrder(slot_S=slot_S, token_S=slot_S // K,
+                     expert_S=b.take_along_axis(key_S, slot_S, axis=0),
+                     counts_E=b.bincount(flat_S, num_experts))

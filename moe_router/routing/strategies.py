@@ -1,0 +1,215 @@
+"""The built-in routing strategies, each written once against :class:`~moe_router.backend.Backend`.
+
+Semantics (with sources): ``ROUTING.md`` / ``docs/routing.md``. Each function takes a
+:class:`~moe_router.routing.context.RoutingContext` and returns a
+:class:`~moe_router.routing.context.Selection` of width K = ``config.max_slots``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import einops
+import numpy as np
+
+from ..backend import Array
+from ..complexity import complexity_k
+from ..errors import InputError
+from ..plan import RouterState
+from .context import RoutingContext, Selection
+from .select import clamp_count, prefix_select
+
+
+def _default(flag: bool | None, default: bool) -> bool:
+    return default if flag is None else flag
+
+
+def _constant_count(ctx: RoutingContext, n: int) -> Array:
+    return ctx.backend.full((ctx.num_tokens,), n, "int", like=ctx.logits)
+
+
+def _sorted_probs(ctx: RoutingContext) -> tuple[Array, Array]:
+    """Real-expert probabilities sorted descending, and their inclusive cumulative sum."""
+    b = ctx.backend
+    probs_TE = ctx.probs[:, : ctx.config.num_experts]
+    order_TE = b.argsort_desc(probs_TE, axis=-1)
+    sorted_TE = b.take_along_axis(probs_TE, order_TE, axis=-1)
+    return sorted_TE, b.cumsum(sorted_TE, axis=-1)
+
+
+# ----- top-k family ----------------------------------------------------------------------------
+def _selection_scores(ctx: RoutingContext) -> Array:
+    """Scores used to *choose* real experts: probs + balancing bias, group-limited (DeepSeek-V3)."""
+    b, c = ctx.backend, ctx.config
+    scores_TE = ctx.probs[:, : c.num_experts]
+    if ctx.expert_bias is not None:
+        scores_TE = scores_TE + ctx.expert_bias[None, :]
+    if c.num_groups is not None and c.num_groups > 1:
+        scores_TE = _limit_groups(ctx, scores_TE)
+    return scores_TE
+
+
+def _limit_groups(ctx: RoutingContext, scores_TE: Array) -> Array:
+    """Keep the ``topk_groups`` groups with the largest sum of their top-2 scores."""
+    b, c = ctx.backend, ctx.config
+    G = c.num_groups
+    assert G is not None
+    per_group = c.num_experts // G
+    keep_groups = c.topk_groups if c.topk_groups is not None else G
+    grouped_TGe = einops.rearrange(scores_TE, "t (g e) -> t g e", g=G)
+    top2_TG2, _ = b.top_k(grouped_TGe, min(2, per_group))
+    group_scores_TG = b.sum(top2_TG2, axis=-1)
+    _, best_TG = b.top_k(group_scores_TG, keep_groups)
+    keep_TG = b.sum(b.one_hot(best_TG, G, dtype="float32"), axis=1) > 0.0
+    keep_TE = einops.repeat(keep_TG, "t g -> t (g e)", e=per_group)
+    return b.where(keep_TE, scores_TE, float("-inf"))
+
+
+def _balanced_debug(ctx: RoutingContext, n: int) -> Selection:
+    """Round-robin routing that ignores the logits: token t uses experts (t*n + j) mod E."""
+    b, c = ctx.backend, ctx.config
+    tokens_T = b.arange(ctx.num_tokens, like=ctx.logits)
+    slot_K = b.arange(c.max_slots, like=ctx.logits)
+    raw_TK = (tokens_T[:, None] * n + slot_K[None, :]) % c.num_experts
+    used_TK = slot_K[None, :] < n
+    indices_TK = b.where(used_TK, raw_TK, -1)
+    weights_TK = b.where(used_TK, b.full((ctx.num_tokens, c.max_slots), 1.0 / n, "float32",
+                                         like=ctx.logits), 0.0)
+    return Selection(indices_TK, weights_TK, ctx.state)
+
+
+def top_k(ctx: RoutingContext) -> Selection:
+    """Static top-k (Mixtral / Switch), sigmoid + bias + groups (DeepSeek-V3), or null experts."""
+    b, c = ctx.backend, ctx.config
+    K = c.max_slots
+    n = min(c.k, K)
+    if c.balanced_debug:
+        return _balanced_debug(ctx, n)
+    order_TE = _selection_scores(ctx)
+    if c.num_null_experts:
+        # AdaMoE: top-k over E + N choices; the real experts among them are the best real ones.
+        all_TC = ctx.probs
+        if ctx.expert_bias is not None:
+            null_bias = b.full((c.num_null_experts,), 0.0, "float32", like=all_TC)
+            all_TC = all_TC + b.concat([ctx.expert_bias, null_bias], axis=0)[None, :]
+        _, chosen_Tk = b.top_k(all_TC, c.k)
+        n_T = clamp_count(b, b.sum(chosen_Tk < c.num_experts, axis=-1), c.min_experts, K)
+    else:
+        n_T = _constant_count(ctx, n)
+    weights_TE = ctx.probs[:, : c.num_experts]
+    indices, weights = prefix_select(b, order_TE, weights_TE, n_T, K,
+                                     _default(c.normalize_weights, True))
+    return Selection(indices, weights, ctx.state)
+
+
+# ----- dynamic strategies ----------------------------------------------------------------------
+def top_p(ctx: RoutingContext) -> Selection:
+    """Smallest prefix of the sorted probabilities whose sum is strictly greater than p."""
+    b, c = ctx.backend, ctx.config
+    _, cum_TE = _sorted_probs(ctx)
+    p = ctx.state.top_p if ctx.state is not None else c.top_p
+    n_T = b.minimum(b.sum(cum_TE <= p, axis=-1) + 1, c.num_experts)
+    n_T = clamp_count(b, n_T, c.min_experts, c.max_slots)
+    probs_TE = ctx.probs[:, : c.num_experts]
+    indices, weights = prefix_select(b, probs_TE, probs_TE, n_T, c.max_slots,
+                                     _default(c.normalize_weights, False))
+    return Selection(indices, weights, _update_top_p(ctx, n_T))
+
+
+def _update_top_p(ctx: RoutingContext, n_T: Array) -> RouterState | None:
+    """DTop-p style controller: move p toward the target mean k (training only)."""
+    b, c, state = ctx.backend, ctx.config, ctx.state
+    if state is None or not ctx.training or c.target_experts is None:
+        return state
+    T = b.maximum(b.cast(b.asarray(ctx.num_tokens, like=n_T), "float32"), 1.0)
+    mean_k = b.sum(b.cast(n_T, "float32")) / T
+    new_p = state.top_p + c.controller_rate * (c.target_experts - mean_k)
+    return state._replace(top_p=b.minimum(b.maximum(new_p, 1e-3), 1.0))
+
+
+def threshold(ctx: RoutingContext) -> Selection:
+    """XMoE: keep expert j iff the sum of the sorted probabilities before j is < t."""
+    b, c = ctx.backend, ctx.config
+    sorted_TE, cum_TE = _sorted_probs(ctx)
+    before_TE = b.concat([sorted_TE[:, :1] * 0.0, cum_TE[:, :-1]], axis=-1)
+    n_T = clamp_count(b, b.sum(before_TE < c.threshold, axis=-1), c.min_experts, c.max_slots)
+    probs_TE = ctx.probs[:, : c.num_experts]
+    indices, weights = prefix_select(b, probs_TE, probs_TE, n_T, c.max_slots,
+                                     _default(c.normalize_weights, False))
+    return Selection(indices, weights, ctx.state)
+
+
+def relu(ctx: RoutingContext) -> Selection:
+    """ReMoE: gates relu(z); an expert is active iff its logit is > 0 (clamped to [min, max])."""
+    b, c = ctx.backend, ctx.config
+    logits_TE = ctx.logits[:, : c.num_experts]
+    n_T = clamp_count(b, b.sum(logits_TE > 0.0, axis=-1), c.min_experts, c.max_slots)
+    gates_TE = b.maximum(logits_TE, 0.0)
+    indices, weights = prefix_select(b, logits_TE, gates_TE, n_T, c.max_slots,
+                                     _default(c.normalize_weights, False))
+    return Selection(indices, weights, ctx.state)
+
+
+def expert_choice(ctx: RoutingContext) -> Selection:
+    """Each expert takes its top C = ceil(T * c / E) tokens (c = capacity_factor, else k).
+
+    A token gets 0..K experts; only ``max_experts`` applies (``min_experts`` would break the
+    per-expert capacity that defines the strategy). Not causal: refused when ``causal=True``.
+    """
+    b, c = ctx.backend, ctx.config
+    T = ctx.num_tokens
+    factor = c.capacity_factor if c.capacity_factor is not None else float(c.k)
+    probs_TE = ctx.probs[:, : c.num_experts]
+    probs_ET = einops.rearrange(probs_TE, "t e -> e t")
+    if isinstance(T, int):
+        capacity = min(T, max(1, int(np.ceil(T * factor / c.num_experts))))
+    else:  # symbolic T (tf.function with unknown batch)
+        T_f = b.cast(b.asarray(T, like=probs_TE), "float32")
+        capacity = b.cast(b.minimum(b.maximum(b.ceil(T_f * factor / c.num_experts), 1.0), T_f),
+                          "int")
+    order_ET = b.argsort_desc(probs_ET, axis=-1)
+    rank_ET = b.argsort_desc(-b.cast(order_ET, "float32"), axis=-1)  # inverse permutation
+    chosen_TE = einops.rearrange(rank_ET < capacity, "e t -> t e")
+    n_T = clamp_count(b, b.sum(chosen_TE, axis=-1), 0, c.max_slots)
+    order_TE = b.where(chosen_TE, probs_TE, float("-inf"))
+    indices, weights = prefix_select(b, order_TE, probs_TE, n_T, c.max_slots,
+                                     _default(c.normalize_weights, False))
+    return Selection(indices, weights, ctx.state)
+
+
+@functools.lru_cache(maxsize=16)
+def hash_table(seed: int, buckets: int, num_experts: int, k: int) -> np.ndarray:
+    """``(buckets, k)`` int64: k distinct experts per bucket, ascending (fixed, seeded)."""
+    rng = np.random.default_rng(seed)
+    keys = rng.random((buckets, num_experts))
+    table = np.argsort(keys, axis=-1)[:, :k]
+    table.sort(axis=-1)
+    table.setflags(write=False)
+    return table
+
+
+def hash(ctx: RoutingContext) -> Selection:  # noqa: A001 - the strategy's published name
+    """Hash layers: expert(s) fixed by the token id through a seeded random table."""
+    b, c = ctx.backend, ctx.config
+    if ctx.token_ids is None:
+        raise InputError("token_ids_T", "strategy='hash' needs the (T,) int token ids")
+    K = c.max_slots
+    table = b.asarray(hash_table(c.hash_seed, c.hash_buckets, c.num_experts, K), dtype="int",
+                      like=ctx.logits)
+    bucket_T = b.cast(ctx.token_ids, "int") % c.hash_buckets
+    indices_TK = b.gather_rows(table, bucket_T)
+    value = 1.0 / K if _default(c.normalize_weights, False) else 1.0
+    weights_TK = b.full((ctx.num_tokens, K), value, "float32", like=ctx.logits)
+    return Selection(indices_TK, weights_TK, ctx.state)
+
+
+def complexity(ctx: RoutingContext) -> Selection:
+    """k per token from a complexity score, calibrated so that mean k meets target_experts."""
+    from ..registry import default_registry
+
+    b, c = ctx.backend, ctx.config
+    score_T = default_registry().estimator(c.complexity_estimator)(ctx)
+    n_T, state = complexity_k(b, b.cast(score_T, "float32"), c, ctx.state, ctx.training)
+    indices, weights = prefix_select(b, _selection_scores(ctx), ctx.probs[:, : c.num_experts],
+                                     n_T, c.max_slots, _default(c.normalize_weights, True))
+    return Selection(indices, weights, state)
