@@ -77,19 +77,23 @@ class Registry:
         self._collected: Registrar | None = None
         self._instances: dict[str, Backend] = {}
         self._by_type: dict[type, str] = {}
+        self._functions: dict[tuple[str, str], Callable[..., Any]] = {}
 
     # ----- plugins -------------------------------------------------------------------------
     def register(self, plugin: Any, name: str | None = None) -> None:
         """Add a plugin object or module at run time (its hooks are collected again)."""
         self.plugin_manager.register(plugin, name=name)
-        self._collected = None
-        self._by_type.clear()
+        self._forget()
 
     def unregister(self, plugin: Any) -> None:
         self.plugin_manager.unregister(plugin)
+        self._forget()
+
+    def _forget(self) -> None:
         self._collected = None
         self._by_type.clear()
         self._instances.clear()
+        self._functions.clear()
 
     @property
     def collected(self) -> Registrar:
@@ -135,16 +139,27 @@ class Registry:
             f"(all registered: {sorted(self.collected.backends)})")
 
     def strategy(self, name: str) -> Callable[..., Any]:
-        target = self.collected.strategies.get(name)
-        if target is None:
-            raise UnknownNameError("strategy", name, list(self.collected.strategies))
-        return _resolve(target)
+        """The routing strategy function registered as ``name`` (resolved once, then cached)."""
+        return self._function("strategy", name, self.collected.strategies)
 
     def estimator(self, name: str) -> Callable[..., Any]:
-        target = self.collected.estimators.get(name)
-        if target is None:
-            raise UnknownNameError("complexity_estimator", name, list(self.collected.estimators))
-        return _resolve(target)
+        """The complexity estimator registered as ``name`` (resolved once, then cached)."""
+        return self._function("complexity_estimator", name, self.collected.estimators)
+
+    def strategy_names(self) -> list[str]:
+        return sorted(self.collected.strategies)
+
+    def estimator_names(self) -> list[str]:
+        return sorted(self.collected.estimators)
+
+    def _function(self, kind: str, name: str,
+                  table: dict[str, str | Callable[..., Any]]) -> Callable[..., Any]:
+        key = (kind, name)
+        if key not in self._functions:
+            if name not in table:
+                raise UnknownNameError(kind, name, list(table))
+            self._functions[key] = _resolve(table[name])
+        return self._functions[key]
 
 
 @functools.cache
