@@ -230,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = COMMANDS.get(command)
     if handler is None:
         return fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}", 2)
+    os.environ.setdefault("NO_MKDOCS_2_WARNING", "1")  # mkdocs-material's banner, not a problem
     code = ensure_env()
     if code != 0:
         return code

@@ -22,6 +22,9 @@ DEFAULT_BACKENDS = ("numpy", "torch", "jax", "tensorflow")
 #: The module each marker needs; a test with the marker is skipped when it is not installed.
 MARKER_MODULES = {"torch": "torch", "jax": "jax", "tensorflow": "tensorflow", "hf": "transformers"}
 
+# TensorFlow's C++ start-up logging (oneDNN, CUDA probing) buries test output; errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 # ----- hypothesis ----------------------------------------------------------------------------
 # No deadline: the first call of a framework op (tracing, kernel selection) is slow and noisy.
 settings.register_profile("default", deadline=None,
