@@ -67,8 +67,8 @@ def _print_info(info: dict[str, Any]) -> None:
     print(f"moe-router {info['version']} (Python {info['python']})")
     print("\nbackends:")
     for name, spec in info["backends"].items():
-        state = "installed" if spec["framework_installed"] else "framework not installed"
-        print(f"  {name:<12} {spec['target']:<42} ({state})")
+        state = "installed" if spec["framework_installed"] else "not installed"
+        print(f"  {name:<12} {spec['target']:<46} ({spec['framework']} {state})")
     print(f"\nstrategies: {', '.join(info['strategies']) or '-'}")
     print(f"estimators: {', '.join(info['estimators']) or '-'}")
     print("\nframeworks:")
