@@ -1,0 +1,189 @@
+"""The PyTorch backend: the :class:`~moe_router.backend.Backend` primitives on ``torch.Tensor``.
+
+Float math in float32, indices in int64. Sorting uses ``torch.sort(stable=True)`` on the negated
+values, so ties go to the lower index exactly like the NumPy oracle (``torch.topk`` gives no such
+guarantee). Everything is traceable by ``torch.compile`` (no Python branches on tensor values).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from moe_router.backend import Array, Backend, DType
+
+_DTYPES = {"float32": torch.float32, "int": torch.int64, "bool": torch.bool}
+
+
+def _device(like: Any) -> torch.device | None:
+    return like.device if isinstance(like, torch.Tensor) else None
+
+
+class TorchBackend(Backend):
+    """Backend over ``torch.Tensor`` (any device); index dtype int64."""
+
+    name = "torch"
+    framework = "torch"
+
+    # ----- types, conversion, shapes ----------------------------------------------------------
+    def is_array(self, x: Any) -> bool:
+        return isinstance(x, torch.Tensor)
+
+    def asarray(self, x: Any, dtype: DType | None = None, like: Array | None = None) -> Array:
+        torch_dtype = None if dtype is None else _DTYPES[dtype]
+        device = _device(like)
+        if isinstance(x, torch.Tensor):
+            return x.to(device=device or x.device, dtype=torch_dtype or x.dtype)
+        if isinstance(x, np.ndarray):
+            if x.dtype == np.float64 and torch_dtype is None:
+                torch_dtype = torch.float32  # keep the backend's float32 convention
+            if not x.flags.writeable:  # torch refuses to alias read-only memory
+                x = x.copy()
+        return torch.as_tensor(x, dtype=torch_dtype, device=device)
+
+    def to_numpy(self, x: Array) -> Any:
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.numpy()
+
+    def cast(self, x: Array, dtype: DType) -> Array:
+        return x.to(_DTYPES[dtype])
+
+    def dtype_kind(self, x: Array) -> str:
+        d = x.dtype
+        if d == torch.bool:
+            return "b"
+        if d.is_complex:
+            return "c"
+        if d.is_floating_point:
+            return "f"
+        return "u" if d == torch.uint8 else "i"
+
+    def shape(self, x: Array) -> tuple[int | None, ...]:
+        return tuple(int(s) for s in x.shape)
+
+    def dim(self, x: Array, axis: int) -> Any:
+        return int(x.shape[axis])
+
+    def is_tracing(self, x: Array) -> bool:
+        return bool(torch.compiler.is_compiling())
+
+    # ----- creation ---------------------------------------------------------------------------
+    def arange(self, n: Any, like: Array) -> Array:
+        return torch.arange(int(n), dtype=torch.int64, device=_device(like))
+
+    def full(self, shape: tuple[Any, ...], value: float | int | bool, dtype: DType,
+             like: Array) -> Array:
+        return torch.full(tuple(int(s) for s in shape), value, dtype=_DTYPES[dtype],
+                          device=_device(like))
+
+    # ----- elementwise and reductions ---------------------------------------------------------
+    def exp(self, x: Array) -> Array:
+        return torch.exp(x)
+
+    def log(self, x: Array) -> Array:
+        return torch.log(x)
+
+    def sigmoid(self, x: Array) -> Array:
+        return torch.sigmoid(x)
+
+    def softmax(self, x: Array, axis: int = -1) -> Array:
+        return torch.softmax(x, dim=axis)
+
+    def log_softmax(self, x: Array, axis: int = -1) -> Array:
+        return torch.log_softmax(x, dim=axis)
+
+    def logsumexp(self, x: Array, axis: int = -1) -> Array:
+        return torch.logsumexp(x, dim=axis)
+
+    def where(self, cond: Array, a: Array, b: Array) -> Array:
+        if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+            a = torch.as_tensor(a, device=cond.device)
+        return torch.where(cond, a, b)
+
+    def maximum(self, a: Array, b: Array | float) -> Array:
+        if isinstance(b, torch.Tensor):
+            return torch.maximum(a, b.to(a.dtype))
+        return torch.clamp(a, min=b)
+
+    def minimum(self, a: Array, b: Array | float) -> Array:
+        if isinstance(b, torch.Tensor):
+            return torch.minimum(a, b.to(a.dtype))
+        return torch.clamp(a, max=b)
+
+    def floor(self, x: Array) -> Array:
+        return torch.floor(x)
+
+    def ceil(self, x: Array) -> Array:
+        return torch.ceil(x)
+
+    def sqrt(self, x: Array) -> Array:
+        return torch.sqrt(x)
+
+    def sum(self, x: Array, axis: int | None = None) -> Array:
+        if x.dtype == torch.bool:
+            x = x.to(torch.int64)
+        return torch.sum(x) if axis is None else torch.sum(x, dim=axis)
+
+    def max(self, x: Array, axis: int | None = None) -> Array:
+        return torch.amax(x) if axis is None else torch.amax(x, dim=axis)
+
+    def cumsum(self, x: Array, axis: int) -> Array:
+        return torch.cumsum(x, dim=axis, dtype=x.dtype)
+
+    def all_finite(self, x: Array) -> bool:
+        return bool(torch.isfinite(x).all())
+
+    # ----- selection ------------------------------------------------------------------------
+    def argsort_desc(self, x: Array, axis: int = -1) -> Array:
+        if x.dtype == torch.bool:
+            x = x.to(torch.int64)
+        # stable ascending sort of the negation: ties keep ascending index order
+        return torch.sort(-x, dim=axis, stable=True).indices
+
+    def top_k(self, x: Array, k: int) -> tuple[Array, Array]:
+        values, indices = torch.sort(-x, dim=-1, stable=True)
+        return -values[..., :k], indices[..., :k]
+
+    def take_along_axis(self, x: Array, idx: Array, axis: int) -> Array:
+        return torch.take_along_dim(x, idx, dim=axis)
+
+    def gather_rows(self, x: Array, idx: Array) -> Array:
+        return x[idx]
+
+    def one_hot(self, idx: Array, n: int, dtype: DType = "float32") -> Array:
+        arange = torch.arange(n, dtype=idx.dtype, device=idx.device)
+        return (idx[..., None] == arange).to(_DTYPES[dtype])
+
+    def bincount(self, idx: Array, n: int) -> Array:
+        flat = idx.reshape(-1)
+        valid = (flat >= 0).to(torch.int64)
+        counts = torch.zeros(n, dtype=torch.int64, device=idx.device)
+        return counts.scatter_add(0, torch.clamp(flat, min=0).to(torch.int64), valid)
+
+    def reshape(self, x: Array, shape: tuple[Any, ...]) -> Array:
+        return torch.reshape(x, tuple(int(s) for s in shape))
+
+    def concat(self, xs: list[Array], axis: int) -> Array:
+        return torch.cat(xs, dim=axis)
+
+    # ----- randomness -------------------------------------------------------------------------
+    def random_uniform(self, rng: Any, like: Array) -> Array:
+        return torch.rand(like.shape, generator=_generator(rng, like), dtype=torch.float32,
+                          device=like.device)
+
+    def random_normal(self, rng: Any, like: Array) -> Array:
+        return torch.randn(like.shape, generator=_generator(rng, like), dtype=torch.float32,
+                           device=like.device)
+
+
+def _generator(rng: Any, like: Array) -> torch.Generator | None:
+    """A ``torch.Generator`` from a generator, an int seed, or ``None`` (the global one)."""
+    if rng is None or isinstance(rng, torch.Generator):
+        return rng
+    if isinstance(rng, (int, np.integer)):
+        return torch.Generator(device=like.device).manual_seed(int(rng))
+    raise TypeError(f"rng: expected a torch.Generator, an int seed or None, got {type(rng)!r}")
