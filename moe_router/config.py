@@ -127,6 +127,8 @@ class RouterConfig:
         _check(_is_int(E) and E >= 1, "num_experts", E, "an int >= 1")
         _check(isinstance(self.strategy, str) and bool(self.strategy), "strategy", self.strategy,
                f"a registered strategy name (built in: {', '.join(BUILTIN_STRATEGIES)})")
+        _check(_is_int(self.num_null_experts) and self.num_null_experts >= 0, "num_null_experts",
+               self.num_null_experts, "an int >= 0")
         _check(_is_int(self.k) and 1 <= self.k <= self.num_choices, "k", self.k,
                f"an int in [1, num_experts + num_null_experts] = [1, {self.num_choices}]")
         _check(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", self.top_p,
@@ -154,8 +156,6 @@ class RouterConfig:
                    "capacity_factor", self.capacity_factor, "a number > 0 or None (dropless)")
         _check(self.drop_policy in ("position", "probability"), "drop_policy", self.drop_policy,
                "'position' or 'probability'")
-        _check(_is_int(self.num_null_experts) and self.num_null_experts >= 0, "num_null_experts",
-               self.num_null_experts, "an int >= 0")
         if self.num_null_experts:
             _check(self.strategy == "top_k", "num_null_experts", self.num_null_experts,
                    "0 unless strategy='top_k' (null experts are a top-k variant)")
@@ -179,7 +179,8 @@ class RouterConfig:
             _check(_is_number(value) and value >= 0, name, value, "a number >= 0")
         _check(self.balance_convention in ("switch", "hf"), "balance_convention",
                self.balance_convention, "'switch' or 'hf'")
-        _check(isinstance(self.causal, bool), "causal", self.causal, "a bool")
+        for name in ("use_expert_bias", "causal", "balanced_debug"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
         if self.causal:
             _check(self.strategy != "expert_choice", "strategy", self.strategy,
                    "a token-choice strategy when causal=True (expert_choice looks at future "
@@ -255,9 +256,8 @@ class RouterConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> RouterConfig:
         """Build from ``MOE_*`` environment variables (see :func:`env_variables`)."""
-        values = _read_env(cls, os.environ if environ is None else environ)
-        values.update(overrides)
-        return _from_mapping(cls, values)
+        env = os.environ if environ is None else environ
+        return _from_env_values(cls, _read_env(cls, env), env, overrides)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> RouterConfig:
@@ -306,6 +306,8 @@ class MoEConfig:
         if self.shared_d_ff is not None:
             _check(_is_int(self.shared_d_ff) and self.shared_d_ff >= 1, "shared_d_ff",
                    self.shared_d_ff, "an int >= 1 or None")
+        for name in ("shared_expert_gate", "router_bias"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
         _check(not self.shared_expert_gate or self.has_shared, "shared_expert_gate",
                self.shared_expert_gate, "False when there is no shared expert")
         _check(_is_number(self.init_std) and self.init_std > 0, "init_std", self.init_std,
@@ -362,10 +364,9 @@ class MoEConfig:
         env = os.environ if environ is None else environ
         values = _read_env(cls, env)
         values.pop("router", None)
-        values.update(overrides)
-        if "router" not in values:
+        if "router" not in overrides:
             values["router"] = RouterConfig.from_env(env)
-        return _from_mapping(cls, values)
+        return _from_env_values(cls, values, env, overrides)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> MoEConfig:
@@ -398,10 +399,32 @@ def env_variables(cls: type[RouterConfig] | type[MoEConfig]) -> dict[str, str]:
 def _read_env(cls: Any, environ: Mapping[str, str]) -> dict[str, Any]:
     types = {f.name: f.type for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
+    source: dict[str, str] = {}
     for env, field in env_variables(cls).items():
         if env in environ:
-            values[field] = _parse_env(env, field, str(types[field]), environ[env])
+            value = _parse_env(env, field, str(types[field]), environ[env])
+            if field in values and values[field] != value:
+                raise ConfigError(f"{field} (from ${source[field]} and ${env})", environ[env],
+                                  "one value: set only one of the two variables")
+            values[field], source[field] = value, env
     return values
+
+
+def _from_env_values(cls: Any, values: dict[str, Any], environ: Mapping[str, str],
+                     overrides: Mapping[str, Any]) -> Any:
+    """``_from_mapping`` whose errors name the variable that set (or would set) the field."""
+    try:
+        return _from_mapping(cls, {**values, **overrides})
+    except ConfigError as err:
+        if err.field in overrides:
+            raise
+        names = [env for env, field in env_variables(cls).items()
+                 if field == err.field and (env in environ or field not in values)]
+        if not names:
+            raise
+        how = "from" if err.field in values else "set"
+        raise ConfigError(f"{err.field} ({how} ${' or $'.join(sorted(names))})", err.value,
+                          err.allowed) from None
 
 
 def _parse_env(env: str, field: str, type_name: str, raw: str) -> Any:
@@ -447,4 +470,8 @@ def _from_mapping(cls: Any, data: Mapping[str, Any]) -> Any:
     if unknown:
         raise ConfigError(unknown[0], data[unknown[0]], f"a field of {cls.__name__}: "
                           f"{', '.join(sorted(known))}")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.name not in data]
+    if missing:
+        raise ConfigError(missing[0], None, f"a value: {cls.__name__}.{missing[0]} is required")
     return cls(**dict(data))
