@@ -162,10 +162,19 @@ class Registry:
         return self._functions[key]
 
 
-@functools.cache
+class _Default:
+    """Holds the process-wide registry. A plain class attribute rather than
+    ``functools.cache``: ``torch.compile`` ignores cache wrappers and would re-run the
+    constructor (pluggy) inside the traced graph; an attribute read is traced as a constant."""
+
+    registry: Registry | None = None
+
+
 def default_registry() -> Registry:
     """The process-wide registry, created (and entry points loaded) on first use."""
-    return Registry()
+    if _Default.registry is None:
+        _Default.registry = Registry()
+    return _Default.registry
 
 
 def backend_for(x: Any) -> Backend:
