@@ -8,7 +8,6 @@ use, and the answer is cached per array type.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import sys
 from collections.abc import Callable

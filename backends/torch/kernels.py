@@ -1,0 +1,221 @@
+"""Expert compute for the torch layer: dropless sort-based dispatch and its implementations.
+
+Shapes: T tokens, K slots per token, S = T*K slots, E experts, D model width, F expert width.
+Every implementation computes, for each used slot (token t, expert e, weight g),
+``g * expert_e(x_t)`` and sums them per token; unused slots (``-1``: null, dropped, below the
+threshold) are sorted to the tail where no implementation spends compute on them.
+
+Implementations (``MoEConfig.dispatch``):
+
+- ``grouped_mm``: one grouped GEMM per projection over the expert-sorted rows
+  (``torch._grouped_mm`` with per-expert offsets; forward and backward). CPU (float32 / bfloat16 /
+  float16) and CUDA SM80+ (bfloat16). Static shapes: the path used under ``torch.compile``.
+- ``loop``: per-expert matmuls over contiguous slices of the sorted rows (exact on any dtype and
+  device, e.g. float64 for ``gradcheck``); reads the counts on the host, so it graph-breaks
+  under ``torch.compile``.
+- ``gather``: for a handful of slots (decode), each slot's matmuls on its expert's weight view,
+  no sort at all; reads the indices on the host.
+- ``dense``: every expert on every token, masked by the routing weights (E/K times the FLOPs;
+  a static-shape fallback for devices without grouped GEMM, and a debugging aid).
+- ``auto``: ``gather`` for S <= E in eager mode, else ``grouped_mm`` where supported, else
+  ``loop`` (``dense`` under ``torch.compile`` when grouped GEMM is unsupported).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moe_router.errors import ConfigError
+
+DISPATCH_NAMES = ("auto", "grouped_mm", "loop", "gather", "dense")
+_GMM_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def activate(name: str, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
+    """Expert activation: gated ``act(gate) * up`` (swiglu, geglu) or plain ``act(up)``."""
+    if name == "swiglu":
+        assert gate is not None
+        return F.silu(gate) * up
+    if name == "geglu":
+        assert gate is not None
+        return F.gelu(gate) * up
+    if name == "gelu":
+        return F.gelu(up)
+    if name == "relu":
+        return F.relu(up)
+    if name == "silu":
+        return F.silu(up)
+    raise ConfigError("activation", name, "swiglu, geglu, gelu, relu or silu")
+
+
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs for these operands (device, dtype, alignment)."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+        return False
+    if x.device.type == "cpu":
+        if x.dtype not in _GMM_CPU_DTYPES:
+            return False
+        if torch.compiler.is_compiling():
+            return True
+        return w.data_ptr() % 16 == 0 and w.stride(-1) == 1
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return False
+
+
+def _zero_tail(rows: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Zero the rows at or beyond ``offs[-1]`` (the kernel leaves them unwritten)."""
+    row_S = torch.arange(rows.shape[0], device=rows.device)
+    return torch.where((row_S < offs[-1])[:, None], rows, torch.zeros((), dtype=rows.dtype,
+                                                                      device=rows.device))
+
+
+# The grouped GEMM as custom ops: torch.compile sees them as opaque calls with a shape-only
+# fake implementation (the built-in meta kernel of ``_grouped_mm`` accepts only bfloat16), and
+# the backward is ours (the CPU kernel's own backward rejects broadcast gradients in 2.13).
+@torch.library.custom_op("moe_router::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``out[s] = a[s] @ w[group of s]`` over group-sorted rows ``(S, D) x (E, D, N) -> (S, N)``;
+    ``offs`` ``(E,)`` int32 cumulative row ends; rows beyond ``offs[-1]`` are zero."""
+    return _zero_tail(torch._grouped_mm(a, w, offs=offs), offs)
+
+
+@grouped_mm.register_fake
+def _(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return a.new_empty((a.shape[0], w.shape[-1]))
+
+
+@torch.library.custom_op("moe_router::grouped_mm_wgrad", mutates_args=())
+def grouped_mm_wgrad(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Per-group ``a_g^T @ grad_g``: ``(S, D), (S, N) -> (E, D, N)`` (empty groups give 0)."""
+    return torch._grouped_mm(a.t(), _zero_tail(grad.contiguous(), offs), offs=offs)
+
+
+@grouped_mm_wgrad.register_fake
+def _(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return a.new_empty((offs.shape[0], a.shape[1], grad.shape[1]))
+
+
+def _gmm_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    a, w, offs = inputs
+    ctx.save_for_backward(a, w, offs)
+
+
+def _gmm_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    a, w, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_a = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_a = grouped_mm(grad, w.transpose(-2, -1), offs)
+    if ctx.needs_input_grad[1]:
+        grad_w = grouped_mm_wgrad(a, grad, offs)
+    return grad_a, grad_w, None
+
+
+grouped_mm.register_autograd(_gmm_backward, setup_context=_gmm_setup)
+
+
+def _ffn_grouped(x_SD: torch.Tensor, weights: dict[str, torch.Tensor], activation: str,
+                 offs: torch.Tensor) -> torch.Tensor:
+    gate = grouped_mm(x_SD, weights["w_gate"], offs) if "w_gate" in weights else None
+    hidden = activate(activation, gate, grouped_mm(x_SD, weights["w_up"], offs))
+    return grouped_mm(hidden, weights["w_down"], offs)
+
+
+def _ffn_one(x: torch.Tensor, weights: dict[str, torch.Tensor], e: int,
+             activation: str) -> torch.Tensor:
+    gate = x @ weights["w_gate"][e] if "w_gate" in weights else None
+    return activate(activation, gate, x @ weights["w_up"][e]) @ weights["w_down"][e]
+
+
+def _ffn_loop(x_SD: torch.Tensor, weights: dict[str, torch.Tensor], activation: str,
+              offs: torch.Tensor) -> torch.Tensor:
+    ends = offs.tolist()
+    pieces, start = [], 0
+    for e, end in enumerate(ends):
+        if end > start:
+            pieces.append(_ffn_one(x_SD[start:end], weights, e, activation))
+        start = end
+    tail = x_SD.shape[0] - start
+    if tail or not pieces:
+        pieces.append(x_SD.new_zeros((tail, weights["w_down"].shape[-1])))
+    return torch.cat(pieces, dim=0)
+
+
+def choose(dispatch: str, x: torch.Tensor, w: torch.Tensor, num_slots: int,
+           num_experts: int) -> str:
+    """The implementation ``auto`` (or a forced name) resolves to for these operands."""
+    if dispatch not in DISPATCH_NAMES:
+        raise ConfigError("dispatch", dispatch, f"one of {', '.join(DISPATCH_NAMES)}")
+    if dispatch != "auto":
+        return dispatch
+    compiling = torch.compiler.is_compiling()
+    if not compiling and num_slots <= num_experts:
+        return "gather"
+    if grouped_mm_supported(x, w):
+        return "grouped_mm"
+    return "dense" if compiling else "loop"
+
+
+def experts_forward(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor,
+                    weights: dict[str, torch.Tensor], activation: str,
+                    impl: str) -> torch.Tensor:
+    """``(T, D)`` sum over used slots of ``gate * expert(x)``; ``impl`` is a resolved name.
+
+    Args:
+        x_TD: tokens in the compute dtype.
+        ids_TK: ``(T, K)`` int64 experts, ``-1`` in unused slots.
+        gates_TK: ``(T, K)`` weights (any float dtype; cast to the compute dtype).
+        weights: ``w_gate`` (gated only), ``w_up`` ``(E, D, F)``, ``w_down`` ``(E, F, D)``.
+    """
+    T, K = ids_TK.shape
+    E = weights["w_up"].shape[0]
+    gates_TK = gates_TK.to(x_TD.dtype)
+    if impl == "gather":
+        return _gather(x_TD, ids_TK, gates_TK, weights, activation)
+    if impl == "dense":
+        return _dense(x_TD, ids_TK, gates_TK, weights, activation)
+    key_S = torch.where(ids_TK >= 0, ids_TK, E).reshape(-1)
+    key_sorted_S, slot_S = torch.sort(key_S, stable=True)
+    bounds_E = torch.arange(1, E + 1, device=key_S.device, dtype=key_S.dtype)
+    offs_E = torch.searchsorted(key_sorted_S, bounds_E).to(torch.int32)
+    x_SD = x_TD[slot_S // K]
+    if impl == "grouped_mm":
+        out_SD = _ffn_grouped(x_SD, weights, activation, offs_E)
+    elif impl == "loop":
+        out_SD = _ffn_loop(x_SD, weights, activation, offs_E)
+    else:
+        raise ConfigError("dispatch", impl, f"one of {', '.join(DISPATCH_NAMES)}")
+    out_TKD = torch.zeros_like(out_SD).index_copy(0, slot_S, out_SD).reshape(T, K, -1)
+    return torch.bmm(gates_TK[:, None, :], out_TKD)[:, 0]
+
+
+def _gather(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor,
+            weights: dict[str, torch.Tensor], activation: str) -> torch.Tensor:
+    """A few slots: per-slot matmuls on weight views (no sort, no copies of weights)."""
+    T, K = ids_TK.shape
+    rows = []
+    for t, experts in enumerate(ids_TK.tolist()):
+        acc = None
+        for k, e in enumerate(experts):
+            if e < 0:
+                continue
+            out = _ffn_one(x_TD[t:t + 1], weights, e, activation) * gates_TK[t, k]
+            acc = out if acc is None else acc + out
+        rows.append(acc if acc is not None else x_TD.new_zeros((1, x_TD.shape[1])))
+    return torch.cat(rows, dim=0) if rows else x_TD.new_zeros(x_TD.shape)
+
+
+def _dense(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor,
+           weights: dict[str, torch.Tensor], activation: str) -> torch.Tensor:
+    """Every expert on every token; the combine matrix zeroes what was not routed."""
+    E = weights["w_up"].shape[0]
+    onehot_TKE = (ids_TK[..., None] == torch.arange(E, device=ids_TK.device)).to(x_TD.dtype)
+    combine_TE = torch.einsum("tk,tke->te", gates_TK, onehot_TKE)
+    gate = torch.einsum("td,edf->etf", x_TD, weights["w_gate"]) if "w_gate" in weights else None
+    hidden_ETF = activate(activation, gate, torch.einsum("td,edf->etf", x_TD, weights["w_up"]))
+    out_ETD = torch.bmm(hidden_ETF, weights["w_down"])
+    return torch.einsum("te,etd->td", combine_TE, out_ETD)
