@@ -39,10 +39,10 @@ INSTALL_INPUTS = ("pyproject.toml", "constraints.txt")
 EXTRAS = "all,dev"
 MIN_PYTHON = (3, 11)
 
-# pytest options after which xdist must not be added (the user chose how to run, or xdist breaks it)
-NO_XDIST_ARGS = ("-n", "--numprocesses", "--dist", "--pdb", "--trace", "-s", "--capture=no",
-                 "--collect-only", "--co", "--setup-plan", "--fixtures", "--markers", "-h", "--help",
-                 "--version")
+# pytest options after which xdist is not added: the user chose how to run, or xdist breaks them
+NO_XDIST_ARGS = ("-n", "--numprocesses", "--dist", "--pdb", "--trace", "-s", "--capture",
+                 "--collect-only", "--co", "--setup-plan", "--fixtures", "--markers", "-h",
+                 "--help", "--version")
 
 
 def step(message: str) -> None:
@@ -137,12 +137,11 @@ def cmd_demo(args: list[str]) -> int:
 
 
 def pytest_command(args: list[str]) -> list[str]:
+    """``pytest -q`` plus ``-n MOE_DEV_WORKERS`` (default 2) unless ``args`` rule xdist out."""
     cmd = [str(PYTHON), "-m", "pytest", "-q"]
     workers = os.environ.get("MOE_DEV_WORKERS", "2").strip()
-    user_chose = any(a == opt or a.startswith(opt + "=") or (opt == "-n" and a.startswith("-n"))
-                     for a in args for opt in NO_XDIST_ARGS)
-    if any("no:xdist" in a for a in args):
-        user_chose = True
+    user_chose = any(a.split("=")[0] in NO_XDIST_ARGS or a.startswith("-n") or "no:xdist" in a
+                     for a in args)
     if workers not in ("", "0", "1") and not user_chose:
         cmd += ["-n", workers]
     return cmd + args

@@ -57,7 +57,8 @@ def _framework_of(name: str) -> str:
 
 @pytest.fixture(params=backend_names(), ids=str)
 def backend(request: pytest.FixtureRequest):
-    """A :class:`moe_router.backend.Backend` per selected backend; skips if its framework is missing."""
+    """The :class:`~moe_router.backend.Backend` of each selected name; skips if its framework is
+    not installed."""
     name: str = request.param
     framework = _framework_of(name)
     pytest.importorskip(framework, reason=f"backend {name!r} needs {framework}, not installed")
@@ -68,7 +69,7 @@ def backend(request: pytest.FixtureRequest):
 
 # ----- markers -------------------------------------------------------------------------------
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each ``backend``-parametrized test with its framework (``-m 'not tensorflow'`` works)."""
+    """Mark each ``backend``-parametrized test with its framework, so ``-m 'not jax'`` works."""
     for item in items:
         callspec = getattr(item, "callspec", None)
         name = callspec.params.get("backend") if callspec is not None else None
