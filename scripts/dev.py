@@ -33,7 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
-PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
+EXE = ".exe" if os.name == "nt" else ""
+PYTHON = BIN / f"python{EXE}"
+MKDOCS = BIN / f"mkdocs{EXE}"
 STAMP = VENV / ".moe-router-install"
 INSTALL_INPUTS = ("pyproject.toml", "constraints.txt")
 EXTRAS = "all,dev"
@@ -55,11 +57,10 @@ def fail(message: str, code: int = 1) -> int:
     return code
 
 
-def run(cmd: Sequence[str | os.PathLike[str]], **kwargs: object) -> int:
+def run(cmd: Sequence[str | os.PathLike[str]]) -> int:
     """Run ``cmd`` in the repository root, echoing it; returns its exit status."""
-    shown = " ".join(_short(part) for part in cmd)
-    step(f"$ {shown}")
-    return subprocess.call([str(part) for part in cmd], cwd=ROOT, **kwargs)  # type: ignore[arg-type]
+    step("$ " + " ".join(_short(part) for part in cmd))
+    return subprocess.call([str(part) for part in cmd], cwd=ROOT)
 
 
 def _short(part: str | os.PathLike[str]) -> str:
@@ -72,10 +73,9 @@ def _short(part: str | os.PathLike[str]) -> str:
 
 # ----- environment ---------------------------------------------------------------------------
 def install_command() -> list[str]:
-    cmd = [str(PYTHON), "-m", "pip", "install", "-c", "constraints.txt", "-e", f".[{EXTRAS}]"]
-    if not sys.stdout.isatty():
-        cmd[4:4] = ["--progress-bar", "off"]
-    return cmd
+    progress = [] if sys.stdout.isatty() else ["--progress-bar", "off"]
+    return [str(PYTHON), "-m", "pip", "install", *progress, "-c", "constraints.txt",
+            "-e", f".[{EXTRAS}]"]
 
 
 def install_hash() -> str:
@@ -116,7 +116,6 @@ def ensure_env() -> int:
     if run([PYTHON, "-m", "pip", "install", "--quiet", "--upgrade", "pip"]) != 0:
         step("warning: could not upgrade pip; going on with the bundled one")
     if run(install_command()) != 0:
-        STAMP.unlink(missing_ok=True)
         return fail("pip install failed; see the output above (the next run retries it)")
     STAMP.write_text(wanted + "\n")
     step(f"install finished in {time.monotonic() - start:.0f} s")
@@ -147,11 +146,6 @@ def pytest_command(args: list[str]) -> list[str]:
     return cmd + args
 
 
-def build_docs(target: Path) -> int:
-    mkdocs = BIN / ("mkdocs.exe" if os.name == "nt" else "mkdocs")
-    return run([mkdocs, "build", "--strict", "--site-dir", target])
-
-
 def cmd_test(args: list[str]) -> int:
     skip_docs = os.environ.get("MOE_DEV_SKIP_DOCS", "") not in ("", "0")
     if "--no-docs" in args:
@@ -172,7 +166,7 @@ def cmd_test(args: list[str]) -> int:
     else:
         step("building the documentation (mkdocs build --strict) into a temporary directory")
         with tempfile.TemporaryDirectory(prefix="moe-router-site-") as site:
-            if build_docs(Path(site)) != 0:
+            if run([MKDOCS, "build", "--strict", "--site-dir", site]) != 0:
                 failures.append("mkdocs build --strict failed (broken nav, link or docstring)")
 
     if failures:
@@ -185,13 +179,12 @@ def cmd_test(args: list[str]) -> int:
 
 def cmd_docs(args: list[str]) -> int:
     action = args[0] if args else "build"
-    mkdocs = BIN / ("mkdocs.exe" if os.name == "nt" else "mkdocs")
     if action == "serve":
         step("serving the documentation (Ctrl-C to stop)")
-        return run([mkdocs, "serve", *args[1:]])
+        return run([MKDOCS, "serve", *args[1:]])
     if action == "build":
         step("building the documentation into site/")
-        code = run([mkdocs, "build", "--strict", *args[1:]])
+        code = run([MKDOCS, "build", "--strict", *args[1:]])
         return code if code == 0 else fail("mkdocs build --strict failed", code)
     return fail(f"docs takes 'build' or 'serve', got {action!r}", 2)
 
