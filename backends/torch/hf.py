@@ -1,0 +1,189 @@
+"""Hugging Face drop-in: build a :class:`~backends.torch.layers.MoE` equal to a transformers v5
+MoE block, swap blocks in a model, and switch a model's routing strategy in one call.
+
+Supported blocks (transformers 5.x) and their routing conventions:
+
+=========================  ==========================================================
+``MixtralSparseMoeBlock``  softmax, top-k, renormalized
+``Qwen2MoeSparseMoeBlock`` softmax, top-k, ``norm_topk_prob`` (False by default),
+                           shared expert scaled by sigmoid(``shared_expert_gate``)
+``Qwen3MoeSparseMoeBlock`` softmax, top-k, ``norm_topk_prob``
+``OlmoeSparseMoeBlock``    softmax, top-k, ``norm_topk_prob``
+``DeepseekV3MoE``          sigmoid + ``e_score_correction_bias`` (selection only) + group
+                           limit (``n_group`` / ``topk_group``, masked with -inf as in
+                           transformers 5.23) + ``norm_topk_prob`` + ``routed_scaling_factor``;
+                           ungated shared experts
+=========================  ==========================================================
+
+Router logits keep flowing to the model's own ``output_router_logits`` / aux loss: the new
+router module gets the same output-capturing hook the replaced one had.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_router.config import MoEConfig, RouterConfig
+from moe_router.errors import InputError, InputTypeError
+from moe_router.weights import weight_shapes
+
+from .layers import MoE, _resolve_plugins
+
+#: class name of the supported blocks -> short family name
+SUPPORTED_BLOCKS = {
+    "MixtralSparseMoeBlock": "mixtral",
+    "Qwen2MoeSparseMoeBlock": "qwen2_moe",
+    "Qwen3MoeSparseMoeBlock": "qwen3_moe",
+    "OlmoeSparseMoeBlock": "olmoe",
+    "DeepseekV3MoE": "deepseek_v3",
+}
+_ACTIVATIONS = {"SiLUActivation": "swiglu", "SiLU": "swiglu", "GELUActivation": "geglu",
+                "GELU": "geglu"}
+
+
+def _activation(act_fn: nn.Module) -> str:
+    name = type(act_fn).__name__
+    if name not in _ACTIVATIONS:
+        raise InputError("block.experts.act_fn", f"{name} is not supported; expected SiLU "
+                         "(swiglu) or exact GELU (geglu) experts")
+    return _ACTIVATIONS[name]
+
+
+def _router_config(block: nn.Module, family: str, num_experts: int) -> RouterConfig:
+    gate = block.gate
+    k = int(gate.top_k)
+    if family == "mixtral":
+        return RouterConfig(num_experts=num_experts, k=k, normalize_weights=True)
+    if family == "deepseek_v3":
+        groups = int(gate.num_group)
+        return RouterConfig(num_experts=num_experts, k=k, score_func="sigmoid",
+                            normalize_weights=bool(gate.norm_topk_prob), use_expert_bias=True,
+                            num_groups=groups if groups > 1 else None,
+                            topk_groups=int(gate.topk_group) if groups > 1 else None,
+                            route_scale=float(gate.routed_scaling_factor))
+    return RouterConfig(num_experts=num_experts, k=k,
+                        normalize_weights=bool(getattr(gate, "norm_topk_prob", False)))
+
+
+def _shared(block: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+    return shared, getattr(block, "shared_expert_gate", None)
+
+
+def hf_config(block: nn.Module) -> MoEConfig:
+    """The :class:`MoEConfig` equal to a supported Hugging Face MoE block."""
+    family = SUPPORTED_BLOCKS.get(type(block).__name__)
+    if family is None:
+        raise InputTypeError("block", f"{type(block).__name__} is not a supported MoE block; "
+                             f"supported: {', '.join(SUPPORTED_BLOCKS)}")
+    experts = block.experts
+    E, two_F, D = experts.gate_up_proj.shape
+    shared, shared_gate = _shared(block)
+    return MoEConfig(d_model=int(D), d_ff=int(two_F) // 2,
+                     router=_router_config(block, family, int(E)),
+                     activation=_activation(experts.act_fn),
+                     shared_d_ff=None if shared is None else int(shared.up_proj.weight.shape[0]),
+                     shared_expert_gate=shared_gate is not None)
+
+
+def hf_weights(block: nn.Module, config: MoEConfig) -> dict[str, torch.Tensor]:
+    """The block's weights in the portable layout (transposed views, no copies)."""
+    experts = block.experts
+    F = config.d_ff
+    gate_up = experts.gate_up_proj  # (E, 2F, D): rows [:F] gate, [F:] up
+    weights = {
+        "router.weight": block.gate.weight.t(),
+        "experts.w_gate": gate_up[:, :F, :].transpose(1, 2),
+        "experts.w_up": gate_up[:, F:, :].transpose(1, 2),
+        "experts.w_down": experts.down_proj.transpose(1, 2),
+    }
+    if config.router.use_expert_bias:
+        weights["router.expert_bias"] = block.gate.e_score_correction_bias
+    shared, shared_gate = _shared(block)
+    if shared is not None:
+        weights["shared.w_gate"] = shared.gate_proj.weight.t()
+        weights["shared.w_up"] = shared.up_proj.weight.t()
+        weights["shared.w_down"] = shared.down_proj.weight.t()
+    if shared_gate is not None:
+        weights["shared.gate"] = shared_gate.weight.t()
+    return weights
+
+
+def from_hf_block(block: nn.Module, **router_overrides: Any) -> MoE:
+    """A :class:`MoE` computing what ``block`` computes (same weights, device and dtype).
+
+    ``router_overrides`` change the routing right away (e.g. ``strategy="top_p"``).
+    """
+    config = hf_config(block)
+    if router_overrides:
+        config = config.with_router(**router_overrides)
+    weights = hf_weights(block, config)
+    ref = block.experts.down_proj
+    layer = MoE(config, device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        for name, tensor in layer._tensors().items():
+            tensor.copy_(weights[name].to(tensor.dtype))
+    return layer.train(block.training)
+
+
+def _install_router_logits_hook(model: nn.Module, layer: MoE) -> None:
+    """Let ``output_router_logits`` see our router, as it saw the replaced block's gate."""
+    try:
+        from transformers.utils.output_capturing import install_output_capuring_hook
+    except ImportError:  # another transformers version: logits capture is then not wired
+        return
+    recorders = getattr(model, "_can_record_outputs", None) or {}
+    if "router_logits" in recorders:
+        install_output_capuring_hook(layer.router, "router_logits", 0)
+
+
+def replace_moe_blocks(model: nn.Module, **router_overrides: Any) -> int:
+    """Swap every supported Hugging Face MoE block of ``model`` for a :class:`MoE`, in place.
+
+    Returns how many blocks were replaced. Outputs are unchanged (same weights and routing
+    convention) unless ``router_overrides`` are given.
+    """
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module).__name__ in SUPPORTED_BLOCKS]
+    for name, block in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = from_hf_block(block, **router_overrides)
+        _install_router_logits_hook(model, layer)
+        setattr(parent, child, layer)
+    return len(targets)
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """Every moe-router :class:`MoE` inside ``model``."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def set_strategy(model: nn.Module, **router_changes: Any) -> int:
+    """Change the routing of every :class:`MoE` in ``model`` (after ``replace_moe_blocks``).
+
+    Example: ``set_strategy(model, strategy="top_p", top_p=0.5, max_experts=4)``. Changes that
+    would alter the weight shapes (e.g. ``num_null_experts``) are refused. Returns the number of
+    layers changed; their controller state is reset.
+    """
+    layers = moe_layers(model)
+    for layer in layers:
+        new = layer.config.with_router(**router_changes)
+        if weight_shapes(new) != weight_shapes(layer.config):
+            raise InputError("router_changes", f"{sorted(router_changes)} would change the "
+                             "layer's weight shapes; build a new layer instead")
+        _resolve_plugins(new)
+        layer.config = new
+        layer.reset_router_state()
+    return len(layers)
+
+
+def total_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of ``layer.aux_loss`` over the model's :class:`MoE` layers (last forward)."""
+    losses = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack([loss.float() for loss in losses]).sum()

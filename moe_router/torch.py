@@ -1,0 +1,19 @@
+"""PyTorch facade: ``from moe_router.torch import MoE, replace_moe_blocks, set_strategy``.
+
+Importing this module imports torch (``import moe_router`` alone never does).
+"""
+
+from __future__ import annotations
+
+from backends.torch.backend import TorchBackend
+from backends.torch.hf import (
+    from_hf_block,
+    moe_layers,
+    replace_moe_blocks,
+    set_strategy,
+    total_aux_loss,
+)
+from backends.torch.layers import MoE
+
+__all__ = ["MoE", "TorchBackend", "from_hf_block", "moe_layers", "replace_moe_blocks",
+           "set_strategy", "total_aux_loss"]
