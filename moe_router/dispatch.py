@@ -28,7 +28,7 @@ def apply_capacity(b: Backend, indices_TK: Array, weights_TK: Array, capacity: i
     used_TK = indices_TK >= 0
     if capacity is None:
         return indices_TK, weights_TK, b.sum(used_TK & ~used_TK)
-    T = b.dim(indices_TK, 0)
+    K = b.shape(indices_TK)[1]  # static; T may be 0 (einops cannot infer k from t=0)
     flat_S = einops.rearrange(indices_TK, "t k -> (k t)")  # slot-major: first choices first
     if policy == "probability":
         weights_S = einops.rearrange(weights_TK, "t k -> (k t)")
@@ -39,7 +39,7 @@ def apply_capacity(b: Backend, indices_TK: Array, weights_TK: Array, capacity: i
         position_S = b.take_along_axis(position_S, inverse_S, axis=0)
     else:
         position_S = _position_in_expert(b, flat_S, num_experts)
-    position_TK = einops.rearrange(position_S, "(k t) -> t k", t=T)
+    position_TK = einops.rearrange(position_S, "(k t) -> t k", k=K)
     keep_TK = used_TK & (position_TK < capacity)
     num_dropped = b.sum(used_TK & ~keep_TK)
     indices_TK = b.where(keep_TK, indices_TK, -1)

@@ -30,7 +30,10 @@ class NumpyBackend(Backend):
         return np.asarray(x).astype(_DTYPES[dtype], copy=False)
 
     def dtype_kind(self, x: Array) -> str:
-        return np.asarray(x).dtype.kind
+        dtype = np.asarray(x).dtype
+        if dtype.kind == "V" and "float" in dtype.name:  # ml_dtypes bfloat16 / float8 (kind 'V')
+            return "f"
+        return dtype.kind
 
     def shape(self, x: Array) -> tuple[int | None, ...]:
         return tuple(np.shape(x))

@@ -16,8 +16,9 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import pytest
 
-from moe_router import RouterConfig
+from moe_router import RouterConfig, RouterState, RoutingPlan
 from moe_router.routing.strategies import hash_table
 
 F32 = np.float32
@@ -39,12 +40,12 @@ class LoopPlan:
 
 # ----- per-row scalar math --------------------------------------------------------------------
 def softmax_row(z: Sequence[float]) -> list[np.float32]:
-    """Softmax of one row in float32, max-shifted, with a sequential sum."""
+    """Softmax of one row in float32, max-shifted. The normalizer is NumPy's float32 sum of the
+    row (pairwise for rows >= 8): top_p=1.0 compares cumulative sums that round to ~1 +- 1 ulp,
+    so the row sum must round as any vectorized float32 softmax rounds it."""
     m = max(F32(v) for v in z)
-    ex = [F32(np.exp(F32(v) - m)) for v in z]
-    total = F32(0.0)
-    for v in ex:
-        total = F32(total + v)
+    ex = np.array([np.exp(F32(v) - m) for v in z], dtype=F32)
+    total = np.sum(ex, dtype=F32)
     return [F32(v / total) for v in ex]
 
 
@@ -65,10 +66,11 @@ def clamp(n: int, low: int, high: int) -> int:
     return max(low, min(n, high))
 
 
-def normalized(weights: list[np.float32]) -> list[np.float32]:
-    total = F32(0.0)
-    for w in weights:
-        total = F32(total + w)
+def normalized(weights: list[np.float32], width: int) -> list[np.float32]:
+    """Divide by the sum; the sum is NumPy's float32 sum over the K-wide slot row (zeros in
+    unused slots), as a vectorized implementation rounds it: weights that are equal in exact
+    arithmetic must stay bitwise equal, the drop policy "probability" compares them."""
+    total = np.sum(np.array(list(weights) + [0.0] * (width - len(weights)), dtype=F32))
     if total <= 0:
         return weights
     return [F32(w / total) for w in weights]
@@ -108,11 +110,11 @@ def _normalize_flag(config: RouterConfig, default: bool) -> bool:
     return default if config.normalize_weights is None else config.normalize_weights
 
 
-def _finish(chosen: list[int], weight_of: Sequence[float], normalize: bool) -> Row:
+def _finish(chosen: list[int], weight_of: Sequence[float], normalize: bool, width: int) -> Row:
     weights = [F32(weight_of[e]) for e in chosen]
     if normalize:
-        weights = normalized(weights)
-    return list(zip(chosen, weights))
+        weights = normalized(weights, width)
+    return list(zip(chosen, weights, strict=True))
 
 
 def top_k_row(t: int, scores: list[np.float32], config: RouterConfig,
@@ -130,7 +132,7 @@ def top_k_row(t: int, scores: list[np.float32], config: RouterConfig,
         n = clamp(real, config.min_experts, K)
     else:
         n = min(config.k, K)
-    return _finish(ranked(sel)[:n], scores, _normalize_flag(config, True))
+    return _finish(ranked(sel)[:n], scores, _normalize_flag(config, True), K)
 
 
 def top_p_row(probs: list[np.float32], config: RouterConfig, p: float) -> Row:
@@ -143,7 +145,8 @@ def top_p_row(probs: list[np.float32], config: RouterConfig, p: float) -> Row:
             n = i + 1
             break
     n = clamp(n, config.min_experts, config.max_slots)
-    return _finish(order[:n], probs, _normalize_flag(config, False))
+    return _finish(order[:n], probs, _normalize_flag(config, False),
+                   config.max_slots)
 
 
 def threshold_row(probs: list[np.float32], config: RouterConfig) -> Row:
@@ -155,7 +158,8 @@ def threshold_row(probs: list[np.float32], config: RouterConfig) -> Row:
             n += 1
         before = F32(before + probs[e])
     n = clamp(n, config.min_experts, config.max_slots)
-    return _finish(order[:n], probs, _normalize_flag(config, False))
+    return _finish(order[:n], probs, _normalize_flag(config, False),
+                   config.max_slots)
 
 
 def relu_row(z: Sequence[float], config: RouterConfig) -> Row:
@@ -163,7 +167,7 @@ def relu_row(z: Sequence[float], config: RouterConfig) -> Row:
     real = [F32(v) for v in z[:E]]
     gates = [F32(max(v, F32(0.0))) for v in real]
     n = clamp(sum(1 for v in real if v > 0), config.min_experts, config.max_slots)
-    return _finish(ranked(real)[:n], gates, _normalize_flag(config, False))
+    return _finish(ranked(real)[:n], gates, _normalize_flag(config, False), config.max_slots)
 
 
 def expert_choice_rows(probs_T: list[list[np.float32]], config: RouterConfig) -> list[Row]:
@@ -177,7 +181,7 @@ def expert_choice_rows(probs_T: list[list[np.float32]], config: RouterConfig) ->
     rows = []
     for t in range(T):
         mine = [e for e in ranked(probs_T[t][:E]) if e in chosen[t]][: config.max_slots]
-        rows.append(_finish(mine, probs_T[t], _normalize_flag(config, False)))
+        rows.append(_finish(mine, probs_T[t], _normalize_flag(config, False), config.max_slots))
     return rows
 
 
@@ -296,7 +300,7 @@ def route_loop(logits: np.ndarray, config: RouterConfig, *, token_ids: np.ndarra
                training: bool = False) -> LoopPlan:
     """Route ``(T, E + N)`` logits token by token, following ROUTING.md (noise off)."""
     z = np.asarray(logits).astype(F32)
-    T, E, K = z.shape[0], config.num_experts, config.max_slots
+    T, E = z.shape[0], config.num_experts
     if config.score_func == "sigmoid":
         scores = [[sigmoid_scalar(v) for v in row] for row in z]
     else:
@@ -327,7 +331,8 @@ def route_loop(logits: np.ndarray, config: RouterConfig, *, token_ids: np.ndarra
         rows = []
         for t in range(T):
             order = ranked(selection_scores(scores[t], config, bias))[: ks[t]]
-            rows.append(_finish(order, scores[t], _normalize_flag(config, True)))
+            rows.append(_finish(order, scores[t], _normalize_flag(config, True),
+                                config.max_slots))
     else:
         raise ValueError(f"no loop for strategy {strategy!r}")
     if config.route_scale != 1.0:
@@ -390,3 +395,29 @@ def loop_losses(z: np.ndarray, rows: list[Row], num_experts: int,
     switch = E * sum(slots[e] / used * mean_prob[e] for e in range(E))
     hf = E * sum(slots[e] / n_real * mean_prob[e] for e in range(E))
     return {"switch": switch, "hf": hf, "z_loss": z_loss, "entropy": ent}
+
+
+# ----- comparison with a plan ------------------------------------------------------------------
+def state_dict(state: RouterState | None) -> dict[str, float] | None:
+    return None if state is None else {k: float(v) for k, v in state._asdict().items()}
+
+
+def assert_matches(plan: RoutingPlan, ref: LoopPlan) -> None:
+    """Identical decisions, weights within 1e-6 (relative for weights > 1), losses within 1e-5."""
+    assert plan.expert_indices.dtype == np.int64 and plan.expert_weights.dtype == np.float32
+    np.testing.assert_array_equal(plan.expert_indices, ref.indices)
+    np.testing.assert_allclose(plan.expert_weights, ref.weights, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(plan.num_experts_per_token, ref.num_per_token)
+    np.testing.assert_array_equal(plan.expert_counts, ref.counts)
+    assert int(plan.num_dropped) == ref.num_dropped
+    lo = plan.losses
+    convention = plan.config.balance_convention
+    for got, want in ((lo.load_balancing, ref.losses[convention]),
+                      (lo.z_loss, ref.losses["z_loss"]), (lo.entropy, ref.losses["entropy"]),
+                      (lo.total, ref.losses["total"])):
+        assert float(got) == pytest.approx(want, rel=1e-5, abs=1e-5)
+    st_ = plan.stats
+    assert float(st_.mean_experts) == pytest.approx(ref.stats["mean_experts"], rel=1e-6)
+    assert st_.k_histogram.tolist() == ref.stats["k_histogram"]
+    assert float(st_.max_load) == ref.stats["max_load"]
+    assert float(st_.mean_load) == pytest.approx(ref.stats["mean_load"], rel=1e-6)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from loops import assert_matches, route_loop, state_dict
 
 from moe_router import ConfigError, RouterConfig, RouterState, route
-from loops import LoopPlan, route_loop
 
 EXAMPLES = settings(max_examples=40, deadline=None)
 KINDS = ("normal", "quantized", "equal", "skewed", "peaked", "dyadic")
@@ -100,30 +100,6 @@ def bias_for(draw: st.DrawFn, E: int, seed: int) -> np.ndarray | None:
 
 
 # ----- comparison ------------------------------------------------------------------------------
-def state_dict(state: RouterState | None) -> dict[str, float] | None:
-    return None if state is None else {k: float(v) for k, v in state._asdict().items()}
-
-
-def assert_matches(plan, ref: LoopPlan) -> None:
-    """Identical decisions, weights within 1e-6 (relative for weights > 1), losses within 1e-5."""
-    assert plan.expert_indices.dtype == np.int64 and plan.expert_weights.dtype == np.float32
-    np.testing.assert_array_equal(plan.expert_indices, ref.indices)
-    np.testing.assert_allclose(plan.expert_weights, ref.weights, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(plan.num_experts_per_token, ref.num_per_token)
-    np.testing.assert_array_equal(plan.expert_counts, ref.counts)
-    assert int(plan.num_dropped) == ref.num_dropped
-    lo = plan.losses
-    convention = plan.config.balance_convention
-    for got, want in ((lo.load_balancing, ref.losses[convention]), (lo.z_loss, ref.losses["z_loss"]),
-                      (lo.entropy, ref.losses["entropy"]), (lo.total, ref.losses["total"])):
-        assert float(got) == pytest.approx(want, rel=1e-5, abs=1e-5)
-    st_ = plan.stats
-    assert float(st_.mean_experts) == pytest.approx(ref.stats["mean_experts"], rel=1e-6)
-    assert st_.k_histogram.tolist() == ref.stats["k_histogram"]
-    assert float(st_.max_load) == ref.stats["max_load"]
-    assert float(st_.mean_load) == pytest.approx(ref.stats["mean_load"], rel=1e-6)
-
-
 def run_both(config: RouterConfig, logits: np.ndarray, **extra) -> tuple:
     names = {"token_ids": "token_ids_T", "hidden": "hidden_TD", "attention": "attention_probs",
              "external": "complexity_scores_T", "bias": "expert_bias_E", "mask": "mask_T"}
@@ -147,7 +123,8 @@ def test_top_k_matches_loop(data: st.DataObject, c: dict) -> None:
         G = draw(st.sampled_from([g for g in range(1, E + 1) if E % g == 0]))
         groups = {"num_groups": G, "topk_groups": draw(st.integers(1, G))}
     config = config_or_reject(
-        num_experts=E, strategy="top_k", k=k, score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
+        num_experts=E, strategy="top_k", k=k,
+        score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
         normalize_weights=draw(st.sampled_from([None, True, False])),
         max_experts=draw(st.one_of(st.none(), st.integers(1, E))),
         route_scale=draw(st.sampled_from([1.0, 2.5])),
