@@ -55,7 +55,7 @@ def test_route_signature() -> None:
         assert params[name].default is default, name
 
 
-# ----- the plan ------------------------------------------------------------------------------------
+# ----- the plan -----------------------------------------------------------------------------------
 def test_top_k_plan_contract() -> None:
     rc = mr.RouterConfig(num_experts=8, strategy="top_k", k=2)
     logits = _logits(10, 8)

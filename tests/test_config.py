@@ -1,9 +1,9 @@
 """RouterConfig / MoEConfig: frozen, hashable, validated field by field, loaded from env and JSON.
 
-Every invalid value must raise :class:`moe_router.ConfigError` whose ``field`` names the field, whose
-message shows the value, and whose ``allowed`` says what is accepted. Two coverage checks keep the
-tables below complete when a field is added: every dataclass field has an invalid case, and every
-environment variable of :func:`moe_router.config.env_variables` has a parse case.
+Every invalid value must raise :class:`moe_router.ConfigError` whose ``field`` names the field,
+whose message shows the value, and whose ``allowed`` says what is accepted. Two coverage checks
+keep the tables below complete when a field is added: every dataclass field has an invalid case,
+and every environment variable of :func:`moe_router.config.env_variables` has a parse case.
 """
 
 from __future__ import annotations
@@ -418,7 +418,7 @@ def test_same_value_under_two_names_is_accepted() -> None:
     assert rc.k == 3
 
 
-# ----- from_json -----------------------------------------------------------------------------------
+# ----- from_json ----------------------------------------------------------------------------------
 def _write(tmp_path: Path, data: Any, name: str = "cfg.json") -> Path:
     path = tmp_path / name
     path.write_text(json.dumps(data))

@@ -276,7 +276,7 @@ def test_loss_coefficients_of_zero_give_zero_total() -> None:
     assert float(plan.losses.total) == 0.0 and float(plan.losses.load_balancing) > 0.0
 
 
-# ----- aux-loss-free bias update -------------------------------------------------------------------
+# ----- aux-loss-free bias update ------------------------------------------------------------------
 def test_update_expert_bias_moves_by_rate_and_centers() -> None:
     counts = np.array([10, 2, 6, 6])  # mean 6: expert 0 overloaded, expert 1 underloaded
     new = update_expert_bias(np.zeros(4, np.float32), counts, rate=0.01)
@@ -317,7 +317,7 @@ def test_bias_updates_balance_a_skewed_router() -> None:
                                rtol=1e-5)
 
 
-# ----- invariances ---------------------------------------------------------------------------------
+# ----- invariances --------------------------------------------------------------------------------
 @given(T=st.integers(1, 24), E=st.integers(2, 8), seed=st.integers(0, 2**16), data=st.data())
 def test_losses_invariant_to_token_and_expert_permutations(T: int, E: int, seed: int,
                                                            data: st.DataObject) -> None:

@@ -276,8 +276,10 @@ def test_toy_backend_routes_like_numpy(toy_registered: ModuleType, strategy: str
         "num_experts_per_token": (plan.num_experts_per_token, expected.num_experts_per_token),
         "expert_counts": (plan.expert_counts, expected.expert_counts),
         "router_probs": (plan.router_probs, expected.router_probs),
-        **{f"losses.{k}": (getattr(plan.losses, k), v) for k, v in expected.losses._asdict().items()},
-        **{f"stats.{k}": (getattr(plan.stats, k), v) for k, v in expected.stats._asdict().items()},
+        **{f"losses.{k}": (getattr(plan.losses, k), v)
+           for k, v in expected.losses._asdict().items()},
+        **{f"stats.{k}": (getattr(plan.stats, k), v)
+           for k, v in expected.stats._asdict().items()},
     }
     for name, (got, want) in fields.items():
         assert isinstance(got, ToyArray), f"{name} is {type(got).__name__}, not a ToyArray"
