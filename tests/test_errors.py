@@ -1,0 +1,179 @@
+"""Bad input gets a typed error that names the argument (or field) and what was expected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moe_router import (
+    ConfigError,
+    InputError,
+    InputTypeError,
+    RouterConfig,
+    UnknownNameError,
+    init_router_state,
+    route,
+)
+
+E = 4
+
+
+def logits(T: int = 3, C: int = E) -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(T, C)).astype(np.float32)
+
+
+# ----- router logits ------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_logits_raise_by_default(bad: float) -> None:
+    x = logits()
+    x[1, 2] = bad
+    with pytest.raises(InputError, match="router_logits_TE") as info:
+        route(x, RouterConfig(num_experts=E))
+    assert info.value.argument == "router_logits_TE"
+    assert "NaN or Inf" in str(info.value) and "nan_policy" in str(info.value)
+
+
+def test_nan_policy_ignore_routes_the_finite_tokens_like_before() -> None:
+    x = logits(T=4)
+    x[2, :] = np.nan
+    x[3, 1] = -np.inf  # an expert that can never be chosen
+    config = RouterConfig(num_experts=E, k=2, nan_policy="ignore")
+    plan = route(x, config)
+    clean = route(x[:2], config)
+    np.testing.assert_array_equal(plan.expert_indices[:2], clean.expert_indices)
+    np.testing.assert_array_equal(plan.expert_weights[:2], clean.expert_weights)
+    assert 1 not in plan.expert_indices[3].tolist()
+    assert plan.expert_indices.shape == (4, 2)
+
+
+@pytest.mark.parametrize("shape", [(E,), (2, 3, E), ()])
+def test_wrong_rank_names_the_argument_and_shape(shape: tuple[int, ...]) -> None:
+    with pytest.raises(InputError, match=r"router_logits_TE: expected rank 2 \(T, E\)") as info:
+        route(np.zeros(shape, dtype=np.float32), RouterConfig(num_experts=E))
+    assert str(shape) in str(info.value)
+
+
+def test_width_must_equal_num_experts_plus_null_experts() -> None:
+    with pytest.raises(InputError, match=r"router_logits_TE: width 5 != .* = 4"):
+        route(logits(C=5), RouterConfig(num_experts=E))
+    with pytest.raises(InputError, match=r"width 4 != num_experts \+ num_null_experts = 6"):
+        route(logits(C=4), RouterConfig(num_experts=E, num_null_experts=2))
+    route(logits(C=6), RouterConfig(num_experts=E, num_null_experts=2))  # the right width works
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_, np.complex64])
+def test_non_float_logits_raise_type_error(dtype: type) -> None:
+    with pytest.raises(InputTypeError, match="router_logits_TE: expected a floating dtype"):
+        route(np.zeros((2, E), dtype=dtype), RouterConfig(num_experts=E))
+
+
+# ----- config ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"k": 5}, "k"),  # k > E
+    ({"k": 0}, "k"),
+    ({"k": 7, "num_null_experts": 2}, "k"),  # k > E + N
+    ({"strategy": "top_p", "min_experts": 3, "max_experts": 2}, "min_experts"),
+    ({"strategy": "top_p", "min_experts": 5}, "min_experts"),
+    ({"strategy": "top_p", "max_experts": 5}, "max_experts"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_p": -0.1}, "top_p"),
+    ({"threshold": 0.0}, "threshold"),
+    ({"threshold": 1.01}, "threshold"),
+    ({"strategy": "complexity", "target_experts": 5.0}, "target_experts"),
+    ({"capacity_factor": 0.0}, "capacity_factor"),
+    ({"drop_policy": "random"}, "drop_policy"),
+    ({"score_func": "tanh"}, "score_func"),
+    ({"num_groups": 3}, "num_groups"),  # does not divide E
+    ({"num_groups": 2, "topk_groups": 3}, "topk_groups"),
+    ({"strategy": "expert_choice", "causal": True}, "strategy"),
+    ({"num_null_experts": 1, "strategy": "top_p"}, "num_null_experts"),
+])
+def test_invalid_config_names_field_value_and_allowed(fields: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        RouterConfig(num_experts=E, **fields)
+    assert info.value.field == field
+    message = str(info.value)
+    assert message.startswith(f"{field}=") and "expected" in message
+
+
+# ----- registered names ----------------------------------------------------------------------
+def test_unknown_strategy_lists_known_names() -> None:
+    config = RouterConfig(num_experts=E, strategy="top_q")
+    with pytest.raises(UnknownNameError, match="unknown strategy 'top_q'") as info:
+        route(logits(), config)
+    assert "top_p" in str(info.value) and "expert_choice" in str(info.value)
+
+
+def test_unknown_estimator_lists_known_names() -> None:
+    config = RouterConfig(num_experts=E, strategy="complexity", complexity_estimator="perplexity")
+    with pytest.raises(UnknownNameError, match="perplexity") as info:
+        route(logits(), config)
+    assert "complexity_estimator" in str(info.value) and "hidden_norm" in str(info.value)
+
+
+# ----- inputs a strategy needs ------------------------------------------------------------------
+def test_hash_without_token_ids_names_token_ids() -> None:
+    with pytest.raises(InputError, match="token_ids_T") as info:
+        route(logits(), RouterConfig(num_experts=E, strategy="hash", k=1))
+    assert info.value.argument == "token_ids_T"
+
+
+@pytest.mark.parametrize(("estimator", "argument"), [
+    ("hidden_norm", "hidden_TD"),
+    ("attention_entropy", "attention_probs"),
+    ("external", "complexity_scores_T"),
+])
+def test_complexity_estimator_without_its_input_names_it(estimator: str, argument: str) -> None:
+    config = RouterConfig(num_experts=E, strategy="complexity", complexity_estimator=estimator)
+    with pytest.raises(InputError, match=argument) as info:
+        route(logits(), config)
+    assert info.value.argument == argument
+
+
+def test_causal_complexity_without_state_names_state() -> None:
+    config = RouterConfig(num_experts=E, strategy="complexity", causal=True)
+    with pytest.raises(InputError, match="state") as info:
+        route(logits(), config)
+    assert info.value.argument == "state"
+    route(logits(), config, state=init_router_state(config))  # with a state it routes
+
+
+# ----- shapes and dtypes of optional arrays ----------------------------------------------------
+T = 3
+BAD_OPTIONAL = [
+    ("mask_T", np.ones(T + 1), InputError, r"expected shape \(3,\)"),
+    ("mask_T", np.ones((T, 1)), InputError, r"expected shape \(3,\)"),
+    ("expert_bias_E", np.zeros(E + 1, np.float32), InputError, r"expected shape \(4,\)"),
+    ("expert_bias_E", np.zeros(E, np.int64), InputTypeError, "floating"),
+    ("token_ids_T", np.arange(T + 2), InputError, r"expected shape \(3,\)"),
+    ("token_ids_T", np.zeros(T, np.float32), InputTypeError, "integer"),
+    ("complexity_scores_T", np.zeros((T, 2), np.float32), InputError, r"expected shape \(3,\)"),
+    ("complexity_scores_T", np.zeros(T, np.complex64), InputTypeError, "numeric"),
+    ("hidden_TD", np.zeros((T + 1, 8), np.float32), InputError, r"expected shape \(3, D\)"),
+    ("hidden_TD", np.zeros(8, np.float32), InputError, r"expected shape \(3, D\)"),
+]
+
+
+@pytest.mark.parametrize(("argument", "value", "error", "message"), BAD_OPTIONAL,
+                         ids=[f"{a}-{i}" for i, (a, *_) in enumerate(BAD_OPTIONAL)])
+def test_bad_optional_array_names_the_argument(argument: str, value: np.ndarray, error: type,
+                                               message: str) -> None:
+    config = RouterConfig(num_experts=E, strategy="hash" if argument == "token_ids_T" else "top_k")
+    with pytest.raises(error, match=message) as info:
+        route(logits(T), config, **{argument: value})
+    assert info.value.argument == argument
+    assert str(info.value).startswith(f"{argument}: ")
+
+
+def test_attention_probs_of_wrong_rank_names_it() -> None:
+    config = RouterConfig(num_experts=E, strategy="complexity",
+                          complexity_estimator="attention_entropy")
+    with pytest.raises(InputError, match=r"attention_probs: expected rank 2 \(T, S\) or 3"):
+        route(logits(T), config, attention_probs=np.ones((1, 1, T, 4), np.float32) / 4)
+
+
+def test_errors_are_the_documented_builtin_types() -> None:
+    # callers can catch ValueError / TypeError / KeyError without importing moe_router
+    assert issubclass(InputError, ValueError) and issubclass(ConfigError, ValueError)
+    assert issubclass(InputTypeError, TypeError) and issubclass(UnknownNameError, KeyError)
