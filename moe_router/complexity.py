@@ -108,7 +108,7 @@ def complexity_k(b: Backend, score_T: Array, config: RouterConfig, state: Router
                              "(moe_router.init_router_state): batch quantiles would look at "
                              "later tokens")
         quantile_T = batch_quantiles(b, score_T)
-        offset: Any = 0.0
+        offset = 0.0  # no annotation: AutoGraph (tf.function) cannot convert annotated locals
     else:
         mean, var = _score_moments(b, score_T, state)
         z_T = (score_T - mean) / b.sqrt(var + 1e-12)

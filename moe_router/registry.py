@@ -123,7 +123,11 @@ class Registry:
         cached = self._by_type.get(type(x))
         if cached is not None:
             return self.backend(cached)
-        specs = sorted(self.collected.backends.values(), key=lambda s: s.framework == "numpy")
+        # the framework the array's type comes from first (importing TensorFlow also imports
+        # JAX, so the JAX backend must not be tried, and imported, for a tf.Tensor), NumPy last
+        home = type(x).__module__.partition(".")[0]
+        specs = sorted(self.collected.backends.values(),
+                       key=lambda s: (s.framework != home, s.framework == "numpy"))
         for spec in specs:
             if spec.framework not in sys.modules:
                 continue
