@@ -1,0 +1,173 @@
+"""Torch MoE layer vs transformers v5 Mixtral experts (eager, grouped_mm), dense and the floor.
+
+Run: ``.venv/bin/python benchmarks/bench_torch.py`` (add ``--tokens 1,16`` for a subset).
+
+Sizes: d=512, f=1024, E=8, k=2, SwiGLU, float32, CPU, inference (``torch.inference_mode``).
+Every implementation gets the same weights (our layer is built with ``MoE.from_hf``).
+
+Columns (medians, milliseconds):
+- ``ours``: ``moe_router.torch.MoE`` (routing + dispatch + experts), ``dispatch="auto"``.
+- ``hf eager`` / ``hf grouped_mm``: ``MixtralSparseMoeBlock`` with
+  ``config._experts_implementation`` set to that name (router included).
+- ``dense eq``: one SwiGLU FFN on T*k tokens (same FLOPs as the routed experts).
+- ``floor``: a batched matmul streaming each active expert's weights once, tokens split evenly
+  over the min(E, T*k) active experts (the memory-bound floor at small T, FLOP-bound at large T).
+- ``route+perm``: our routing (router GEMM, top-k) and permutation (sort, gather, un-permute,
+  combine) alone; ``share`` is its fraction of ``ours``.
+- ``eff``: floor / ours (target >= 0.9); ``vs eager``: hf eager / ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from backends.torch.kernels import choose  # noqa: E402
+from moe_router.torch import MoE  # noqa: E402
+
+D, FF, E, K = 512, 1024, 8, 2
+
+
+def median_ms(fn: Callable[[], object], repeats: int, min_time: float = 0.2) -> float:
+    """Median wall time of ``fn`` in ms, after warm-up; at least ``repeats`` runs and
+    ``min_time`` seconds."""
+    for _ in range(2):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return statistics.median(times) * 1e3
+
+
+def hf_block(implementation: str, seed: int = 0) -> torch.nn.Module:
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = MixtralConfig(hidden_size=D, intermediate_size=FF, num_local_experts=E,
+                           num_experts_per_tok=K)
+    config._experts_implementation = implementation
+    torch.manual_seed(seed)
+    block = MixtralSparseMoeBlock(config).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.02)
+    return block
+
+
+def routing_and_permute(layer: MoE, x_TD: torch.Tensor) -> torch.Tensor:
+    """Our layer's work minus the expert GEMMs: router, top-k, sort, gather, un-permute, combine."""
+    logits = layer.router(x_TD)
+    ids_TK, gates_TK = layer._fast_top_k(logits, {})
+    T = x_TD.shape[0]
+    key_S = ids_TK.reshape(-1)
+    key_sorted_S, slot_S = torch.sort(key_S, stable=True)
+    torch.searchsorted(key_sorted_S, torch.arange(1, E + 1))
+    rows_SD = x_TD[slot_S // K]
+    out_TKD = torch.zeros_like(rows_SD).index_copy(0, slot_S, rows_SD).reshape(T, K, -1)
+    return torch.bmm(gates_TK[:, None, :], out_TKD)[:, 0]
+
+
+def floor_fn(weights: dict[str, torch.Tensor], T: int) -> Callable[[], torch.Tensor]:
+    active = min(E, T * K)
+    per_expert = math.ceil(T * K / active)
+    x = torch.randn(active, per_expert, D)
+    wg, wu, wd = (weights[n][:active] for n in ("w_gate", "w_up", "w_down"))
+
+    def run() -> torch.Tensor:
+        return torch.bmm(F.silu(torch.bmm(x, wg)) * torch.bmm(x, wu), wd)
+
+    return run
+
+
+def dense_fn(weights: dict[str, torch.Tensor], T: int) -> Callable[[], torch.Tensor]:
+    x = torch.randn(T * K, D)
+    wg, wu, wd = (weights[n][0] for n in ("w_gate", "w_up", "w_down"))
+    return lambda: (F.silu(x @ wg) * (x @ wu)) @ wd
+
+
+def run(tokens: list[int], repeats: int, out: Path, console: Console) -> dict:
+    eager, grouped = hf_block("eager"), hf_block("grouped_mm")
+    grouped.load_state_dict(eager.state_dict())
+    layer = MoE.from_hf(eager).eval()
+    weights = {n: getattr(layer.experts, n).detach().contiguous()
+               for n in ("w_gate", "w_up", "w_down")}
+    rows = []
+    with torch.inference_mode():
+        for T in tokens:
+            x = torch.randn(1, T, D, generator=torch.Generator().manual_seed(T))
+            torch.testing.assert_close(layer(x), eager(x), atol=1e-5, rtol=1e-4)
+            impl = choose(layer.config.dispatch, x[0], weights["w_up"], T * K, E)
+            reps = repeats if T < 1024 else max(3, repeats // 3)
+            row = {"T": T, "dispatch": impl,
+                   "ours_ms": median_ms(lambda: layer(x), reps),
+                   "hf_eager_ms": median_ms(lambda: eager(x), reps),
+                   "hf_grouped_mm_ms": median_ms(lambda: grouped(x), reps),
+                   "dense_eq_ms": median_ms(dense_fn(weights, T), reps),
+                   "floor_ms": median_ms(floor_fn(weights, T), reps),
+                   "route_permute_ms": median_ms(lambda: routing_and_permute(layer, x[0]), reps)}
+            row["route_permute_share"] = row["route_permute_ms"] / row["ours_ms"]
+            row["efficiency_vs_floor"] = row["floor_ms"] / row["ours_ms"]
+            row["speedup_vs_hf_eager"] = row["hf_eager_ms"] / row["ours_ms"]
+            row["speedup_vs_hf_grouped_mm"] = row["hf_grouped_mm_ms"] / row["ours_ms"]
+            rows.append(row)
+            console.print(f"T={T} done", style="dim")
+    table = Table(title=f"torch MoE, d={D} f={FF} E={E} k={K} SwiGLU float32 CPU "
+                        f"({torch.get_num_threads()} threads), median ms")
+    columns = [("T", "T", "{}"), ("dispatch", "dispatch", "{}"), ("ours", "ours_ms", "{:.3f}"),
+               ("hf eager", "hf_eager_ms", "{:.3f}"),
+               ("hf grouped_mm", "hf_grouped_mm_ms", "{:.3f}"),
+               ("dense eq", "dense_eq_ms", "{:.3f}"), ("floor", "floor_ms", "{:.3f}"),
+               ("route+perm", "route_permute_ms", "{:.3f}"),
+               ("share", "route_permute_share", "{:.0%}"),
+               ("eff (>=0.9)", "efficiency_vs_floor", "{:.2f}"),
+               ("vs eager", "speedup_vs_hf_eager", "{:.2f}x"),
+               ("vs hf gmm", "speedup_vs_hf_grouped_mm", "{:.2f}x")]
+    for title, _, _ in columns:
+        table.add_column(title, justify="right")
+    for row in rows:
+        table.add_row(*[fmt.format(row[key]) for _, key, fmt in columns])
+    console.print(table)
+    result = {"benchmark": "bench_torch", "sizes": {"d": D, "f": FF, "E": E, "k": K},
+              "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "python": platform.python_version(),
+              "machine": platform.machine(), "rows": rows,
+              "gpu": "not run (no GPU in this session)"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    console.print(f"wrote {out}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", default="1,16,256,4096", help="comma list of T")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bench_torch.json")
+    args = parser.parse_args(argv)
+    run([int(t) for t in args.tokens.split(",")], args.repeats, args.out, Console())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
