@@ -169,7 +169,7 @@ class MoE(keras.layers.Layer):
     def export_weights(self) -> dict[str, np.ndarray]:
         """The portable weight dict (float32 NumPy), see :mod:`moe_router.weights`."""
         self._ensure_built()
-        return {name: np.asarray(keras.ops.convert_to_numpy(self._weight(name)), np.float32)
+        return {name: np.asarray(tf.convert_to_tensor(self._weight(name)).numpy(), np.float32)
                 for name in weight_shapes(self.moe_config)}
 
     def load_weights_dict(self, weights: Mapping[str, Any]) -> None:
@@ -235,7 +235,7 @@ class MoE(keras.layers.Layer):
         num_dropped."""
         out: dict[str, Any] = {}
         for name, var in self.stat_vars.items():
-            value = np.asarray(keras.ops.convert_to_numpy(var))
+            value = np.asarray(tf.convert_to_tensor(var).numpy())
             out[name] = float(value) if value.ndim == 0 else value.astype(np.int64)
         out["num_dropped"] = int(out["num_dropped"])
         return out
@@ -246,6 +246,25 @@ class MoE(keras.layers.Layer):
         self._ensure_built()
         x_TD = self._flatten(tf.convert_to_tensor(inputs))
         return self._route(x_TD, training, None, **route_inputs)
+
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        # validated here: Keras re-wraps errors raised inside call() as RuntimeError
+        self._check_input(inputs)
+        return super().__call__(inputs, *args, **kwargs)
+
+    def _check_input(self, x: Any) -> None:
+        D = self.moe_config.d_model
+        shape = getattr(x, "shape", None)
+        if shape is None:
+            raise InputTypeError("x", f"expected a tensor of shape (..., d_model={D}), got "
+                                 f"{type(x).__name__}")
+        dtype = keras.backend.standardize_dtype(x.dtype)
+        if "float" not in dtype:
+            raise InputTypeError("x", f"expected a floating dtype (float32/bfloat16/float16), "
+                                 f"got {dtype}")
+        shape = tuple(shape)
+        if len(shape) < 1 or shape[-1] not in (None, D):
+            raise InputError("x", f"expected shape (..., d_model={D}), got {shape}")
 
     def call(self, inputs: Any, training: bool | None = None, mask: Any = None,
              token_ids: Any = None, complexity_scores: Any = None,
@@ -263,11 +282,7 @@ class MoE(keras.layers.Layer):
 
     def _flatten(self, x: tf.Tensor) -> tf.Tensor:
         D = self.moe_config.d_model
-        if not x.dtype.is_floating:
-            raise InputTypeError("x", f"expected a floating dtype (float32/bfloat16/float16), "
-                                 f"got {x.dtype.name}")
-        if x.shape.rank is None or x.shape.rank < 1 or x.shape[-1] != D:
-            raise InputError("x", f"expected shape (..., d_model={D}), got {tuple(x.shape)}")
+        self._check_input(x)
         return tf.reshape(tf.cast(x, self.compute_dtype), [-1, D])
 
     def _route(self, x_TD: tf.Tensor, training: bool, mask: Any, **extra: Any) -> RoutingPlan:

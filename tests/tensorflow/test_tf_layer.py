@@ -1,0 +1,191 @@
+"""The Keras MoE layer vs the NumPy oracle (``reference_forward``) for every strategy and every
+dispatch path, eagerly, in ``tf.function`` and under XLA; state, statistics, bias, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+pytest.importorskip("keras")
+
+import moe_router as mr  # noqa: E402
+from moe_router.errors import ConfigError, InputError, InputTypeError  # noqa: E402
+from moe_router.keras import MoE  # noqa: E402
+from moe_router.weights import init_weights, reference_forward  # noqa: E402
+
+pytestmark = pytest.mark.tensorflow
+
+E, D, F = 8, 16, 24
+STRATEGIES = {
+    "top_k": mr.RouterConfig(num_experts=E, k=2),
+    "sigmoid_groups": mr.RouterConfig(num_experts=E, k=2, score_func="sigmoid", num_groups=4,
+                                      topk_groups=2, route_scale=2.0),
+    "top_p": mr.RouterConfig(num_experts=E, strategy="top_p", top_p=0.5, max_experts=4),
+    "threshold": mr.RouterConfig(num_experts=E, strategy="threshold", threshold=0.6,
+                                 max_experts=4),
+    "null": mr.RouterConfig(num_experts=E, k=2, num_null_experts=3),
+    "relu": mr.RouterConfig(num_experts=E, strategy="relu", min_experts=0, max_experts=4),
+    "expert_choice": mr.RouterConfig(num_experts=E, strategy="expert_choice", max_experts=4),
+    "hash": mr.RouterConfig(num_experts=E, strategy="hash", k=2),
+    "complexity": mr.RouterConfig(num_experts=E, strategy="complexity", target_experts=1.5,
+                                  max_experts=4),
+    "capacity": mr.RouterConfig(num_experts=E, k=2, capacity_factor=0.75),
+    "bias": mr.RouterConfig(num_experts=E, k=2, use_expert_bias=True),
+}
+
+
+def _setup(rc: mr.RouterConfig, dispatch: str = "split", seed: int = 0, **moe: object):
+    config = mr.MoEConfig(d_model=D, d_ff=F, router=rc, dispatch=dispatch, init_std=0.3, **moe)
+    weights = init_weights(config, seed=seed)
+    if rc.use_expert_bias:
+        weights["router.expert_bias"] = np.linspace(-0.2, 0.2, E).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(2, 10, D)).astype(np.float32)
+    ids = rng.integers(0, 1000, size=(2, 10)).astype(np.int32)
+    return config, weights, x, ids
+
+
+def _reference(config, weights, x, ids, layer):
+    kwargs = {"token_ids_T": ids.reshape(-1)} if config.router.strategy == "hash" else {}
+    if layer.router_state() is not None:
+        kwargs["state"] = mr.init_router_state(config.router)
+    return reference_forward(x, weights, config, **kwargs)
+
+
+def _call_kwargs(config, ids):
+    return {"token_ids": tf.constant(ids)} if config.router.strategy == "hash" else {}
+
+
+def _close(got, want) -> None:
+    got = np.asarray(got, np.float64)
+    scale = max(np.abs(want).max(), 1e-6)
+    np.testing.assert_allclose(got / scale, want / scale, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_layer_matches_reference_for_every_strategy(name: str) -> None:
+    config, weights, x, ids = _setup(STRATEGIES[name])
+    layer = MoE.from_weights(config, weights)
+    want, plan = _reference(config, weights, x, ids, layer)
+    got = layer(tf.constant(x), **_call_kwargs(config, ids))
+    assert got.shape == x.shape and got.dtype == tf.float32
+    _close(got, want)
+    stats = layer.routing_stats()
+    assert stats["mean_experts"] == pytest.approx(float(plan.stats.mean_experts), abs=1e-6)
+    np.testing.assert_array_equal(stats["expert_counts"], plan.expert_counts)
+    np.testing.assert_array_equal(stats["k_histogram"], plan.stats.k_histogram)
+    assert stats["num_dropped"] == int(plan.num_dropped)
+
+
+@pytest.mark.parametrize("name,dispatch", [("top_k", "tiles"), ("top_p", "tiles"),
+                                           ("capacity", "capacity"), ("relu", "tiles"),
+                                           ("expert_choice", "capacity")])
+def test_static_dispatch_paths_match_reference_eager_and_xla(name: str, dispatch: str) -> None:
+    config, weights, x, ids = _setup(STRATEGIES[name], dispatch=dispatch, seed=1)
+    layer = MoE.from_weights(config, weights)
+    want, _ = _reference(config, weights, x, ids, layer)
+    _close(layer(tf.constant(x)), want)
+    xla = tf.function(lambda v: layer(v), jit_compile=True)
+    _close(xla(tf.constant(x)), want)
+
+
+def test_tf_function_with_unknown_batch_and_auto_dispatch_under_xla() -> None:
+    config, weights, x, ids = _setup(STRATEGIES["top_k"], dispatch="auto", seed=2,
+                                     num_shared_experts=1, shared_expert_gate=True)
+    layer = MoE.from_weights(config, weights)
+    want, _ = reference_forward(x, weights, config)
+    spec = tf.TensorSpec([None, None, D], tf.float32)
+    graph = tf.function(lambda v: layer(v), input_signature=[spec])
+    _close(graph(tf.constant(x)), want)
+    _close(graph(tf.constant(x[:1, :3])), want[:1, :3])  # same trace, other batch
+    assert graph.experimental_get_tracing_count() == 1
+    xla = tf.function(lambda v: layer(v), input_signature=[spec], jit_compile=True)
+    _close(xla(tf.constant(x)), want)  # auto -> dropless tiles under XLA
+    assert layer.routing_stats()["num_dropped"] == 0
+
+
+@pytest.mark.parametrize("activation", ["geglu", "gelu", "relu", "silu"])
+def test_activations_and_shared_expert(activation: str) -> None:
+    config, weights, x, ids = _setup(STRATEGIES["top_k"], activation=activation,
+                                     shared_d_ff=12, router_bias=True)
+    weights["router.bias"] = np.linspace(-1, 1, E).astype(np.float32)
+    layer = MoE.from_weights(config, weights)
+    want, _ = reference_forward(x, weights, config)
+    _close(layer(tf.constant(x)), want)
+
+
+def test_export_weights_round_trip_and_shapes() -> None:
+    config, weights, *_ = _setup(STRATEGIES["bias"], num_shared_experts=1)
+    layer = MoE.from_weights(config, weights)
+    exported = layer.export_weights()
+    assert set(exported) == set(weights)
+    for name, value in weights.items():
+        np.testing.assert_array_equal(exported[name], value)
+    assert layer._weight("router.expert_bias").trainable is False
+    with pytest.raises(InputError, match="experts.w_up"):
+        MoE.from_weights(config, {**weights, "experts.w_up": weights["experts.w_up"][:, :2]})
+
+
+def test_aux_loss_is_added_and_differentiable() -> None:
+    rc = mr.RouterConfig(num_experts=E, k=2, aux_loss_coef=0.5, z_loss_coef=0.1)
+    config, weights, x, ids = _setup(rc)
+    layer = MoE.from_weights(config, weights)
+    _, plan = reference_forward(x, weights, config)
+    with tf.GradientTape() as tape:
+        layer(tf.constant(x), training=True)
+        loss = tf.add_n(layer.losses)
+    assert len(layer.losses) == 1
+    assert float(loss) == pytest.approx(float(plan.losses.total), rel=1e-5)
+    grad = tape.gradient(loss, layer._weight("router.weight"))
+    assert grad is not None and float(tf.reduce_sum(tf.abs(grad))) > 0
+
+
+def test_controller_state_updates_only_in_training() -> None:
+    rc = mr.RouterConfig(num_experts=E, strategy="top_p", top_p=0.5, max_experts=4,
+                         target_experts=1.0, controller_rate=0.1)
+    config, weights, x, _ = _setup(rc)
+    layer = MoE.from_weights(config, weights)
+    layer(tf.constant(x), training=False)
+    assert float(layer.router_state().top_p) == pytest.approx(0.5)
+    _, plan = reference_forward(x, weights, config, training=True,
+                                state=mr.init_router_state(rc))
+    layer(tf.constant(x), training=True)
+    assert float(layer.router_state().top_p) == pytest.approx(float(plan.state.top_p), abs=1e-6)
+    assert float(layer.router_state().top_p) < 0.5  # mean k > 1 pushes p down
+
+
+def test_expert_bias_update_uses_accumulated_loads() -> None:
+    config, weights, x, _ = _setup(STRATEGIES["bias"])
+    layer = MoE.from_weights(config, weights)
+    before = layer.export_weights()["router.expert_bias"]
+    layer(tf.constant(x), training=False)
+    np.testing.assert_array_equal(layer.expert_load.numpy(), 0)  # inference does not count
+    layer(tf.constant(x), training=True)
+    layer(tf.constant(x), training=True)
+    loads = layer.expert_load.numpy().copy()
+    assert loads.sum() == 2 * x.shape[0] * x.shape[1] * 2
+    new = layer.update_expert_bias()
+    want = mr.losses.update_expert_bias(before, loads, config.router.bias_update_rate)
+    np.testing.assert_allclose(new, want, atol=1e-7)
+    np.testing.assert_allclose(layer.export_weights()["router.expert_bias"], want, atol=1e-7)
+    np.testing.assert_array_equal(layer.expert_load.numpy(), 0)
+    plain = MoE(mr.MoEConfig(d_model=D, d_ff=F, router=STRATEGIES["top_k"]))
+    plain.build((None, D))
+    with pytest.raises(InputError, match="use_expert_bias"):
+        plain.update_expert_bias()
+
+
+def test_bad_inputs_and_configs_raise_typed_errors() -> None:
+    config, weights, x, _ = _setup(STRATEGIES["top_k"])
+    layer = MoE.from_weights(config, weights)
+    with pytest.raises(InputError, match=r"d_model=16"):
+        layer(tf.zeros((3, D + 1)))
+    with pytest.raises(InputTypeError, match="floating"):
+        layer(tf.zeros((3, D), tf.int32))
+    with pytest.raises(ConfigError, match="dispatch"):
+        MoE(config.replace(dispatch="grouped_mm"))
+    with pytest.raises(ConfigError, match="capacity_factor"):
+        MoE(config.replace(dispatch="capacity"))
+    with pytest.raises(InputTypeError, match="config"):
+        MoE("top_k")
