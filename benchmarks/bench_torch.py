@@ -14,6 +14,8 @@ Columns (medians, milliseconds):
   over the min(E, T*k) active experts (the memory-bound floor at small T, FLOP-bound at large T).
 - ``route+perm``: our routing (router GEMM, top-k) and permutation (sort, gather, un-permute,
   combine) alone; ``share`` is its fraction of ``ours``.
+Implementations are timed round-robin (see :func:`interleaved_ms`), median of ``--repeats``
+rounds (a quarter of them, at least 5, for T >= 1024).
 - ``eff``: floor / ours (target >= 0.9); ``vs eager``: hf eager / ours.
 """
 
@@ -43,20 +45,19 @@ from moe_router.torch import MoE  # noqa: E402
 D, FF, E, K = 512, 1024, 8, 2
 
 
-def median_ms(fn: Callable[[], object], repeats: int, min_time: float = 0.2) -> float:
-    """Median wall time of ``fn`` in ms, after warm-up; at least ``repeats`` runs and
-    ``min_time`` seconds."""
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time (ms) of each function, measured round-robin after two warm-up rounds,
+    so that load changes on a shared machine hit every implementation alike."""
     for _ in range(2):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 200:
-            break
-    return statistics.median(times) * 1e3
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
 def hf_block(implementation: str, seed: int = 0) -> torch.nn.Module:
@@ -117,14 +118,16 @@ def run(tokens: list[int], repeats: int, out: Path, console: Console) -> dict:
             x = torch.randn(1, T, D, generator=torch.Generator().manual_seed(T))
             torch.testing.assert_close(layer(x), eager(x), atol=1e-5, rtol=1e-4)
             impl = choose(layer.config.dispatch, x[0], weights["w_up"], T * K, E)
-            reps = repeats if T < 1024 else max(3, repeats // 3)
-            row = {"T": T, "dispatch": impl,
-                   "ours_ms": median_ms(lambda: layer(x), reps),
-                   "hf_eager_ms": median_ms(lambda: eager(x), reps),
-                   "hf_grouped_mm_ms": median_ms(lambda: grouped(x), reps),
-                   "dense_eq_ms": median_ms(dense_fn(weights, T), reps),
-                   "floor_ms": median_ms(floor_fn(weights, T), reps),
-                   "route_permute_ms": median_ms(lambda: routing_and_permute(layer, x[0]), reps)}
+            reps = repeats if T < 1024 else max(5, repeats // 4)
+            timed = interleaved_ms({
+                "ours_ms": lambda: layer(x),
+                "hf_eager_ms": lambda: eager(x),
+                "hf_grouped_mm_ms": lambda: grouped(x),
+                "dense_eq_ms": dense_fn(weights, T),
+                "floor_ms": floor_fn(weights, T),
+                "route_permute_ms": lambda: routing_and_permute(layer, x[0]),
+            }, reps)
+            row = {"T": T, "dispatch": impl, **timed}
             row["route_permute_share"] = row["route_permute_ms"] / row["ours_ms"]
             row["efficiency_vs_floor"] = row["floor_ms"] / row["ours_ms"]
             row["speedup_vs_hf_eager"] = row["hf_eager_ms"] / row["ours_ms"]
@@ -162,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="1,16,256,4096", help="comma list of T")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bench_torch.json")
     args = parser.parse_args(argv)
-    run([int(t) for t in args.tokens.split(",")], args.repeats, args.out, Console())
+    run([int(t) for t in args.tokens.split(",")], args.repeats, args.out, Console(width=150))
     return 0
 
 

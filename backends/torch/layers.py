@@ -54,10 +54,16 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         """``(T, E + N)`` float32 logits, outside autocast."""
-        with torch.autocast(x_TD.device.type, enabled=False):
-            logits_TE = x_TD.float() @ self.weight.float()
-            if self.bias is not None:
-                logits_TE = logits_TE + self.bias.float()
+        device = x_TD.device.type
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return self._logits(x_TD)
+        return self._logits(x_TD)
+
+    def _logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        logits_TE = x_TD.float() @ self.weight.float()
+        if self.bias is not None:
+            logits_TE = logits_TE + self.bias.float()
         return logits_TE
 
 
