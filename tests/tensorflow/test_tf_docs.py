@@ -28,3 +28,20 @@ def test_keras_docs_example_trains_saves_and_loads(tmp_path, capsys) -> None:
     assert len(printed) == 4  # one line per epoch from the statistics callback
     mean_k = [float(line.split()[-1]) for line in printed]
     assert all(1.0 <= k <= 4.0 for k in mean_k)  # top_p clamped to [1, max_experts=4]
+
+
+def test_demo_table_has_every_strategy_and_parity_with_numpy() -> None:
+    from rich.console import Console
+
+    from backends.tensorflow.demo import run_demo
+    from moe_router.demo import demo_configs
+
+    console = Console(record=True, width=200)
+    run_demo(console, num_tokens=64)
+    text = console.export_text()
+    rows = [line for line in text.splitlines() if line.startswith("│")]
+    assert len(rows) == len(demo_configs())
+    for name in demo_configs():
+        assert name in text
+    errors = [float(row.strip("│ ").split("│")[-1]) for row in rows]
+    assert max(errors) < 1e-5
