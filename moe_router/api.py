@@ -48,7 +48,7 @@ def route(router_logits_TE: Array, config: RouterConfig, *, hidden_TD: Array | N
     T = b.dim(logits_TE, 0)
     _validate_optional(b, config, T, hidden_TD=hidden_TD, token_ids_T=token_ids_T,
                        complexity_scores_T=complexity_scores_T, expert_bias_E=expert_bias_E,
-                       mask_T=mask_T)
+                       mask_T=mask_T, attention_probs=attention_probs)
     if training and config.noise != "none" and config.noise_std > 0:
         logits_TE = _add_noise(b, logits_TE, config, rng)
     if config.score_func == "sigmoid":
@@ -124,6 +124,12 @@ def _validate_optional(b: Backend, config: RouterConfig, T: Any, **arrays: Array
         shape = b.shape(hidden)
         if len(shape) != 2 or (isinstance(T, int) and shape[0] not in (None, T)):
             raise InputError("hidden_TD", f"expected shape ({T}, D), got {shape}")
+    attention = arrays["attention_probs"]
+    if attention is not None:
+        shape = b.shape(attention)
+        if len(shape) not in (2, 3) or (isinstance(T, int) and shape[-2] not in (None, T)):
+            raise InputError("attention_probs", f"expected shape ({T}, S) or (H, {T}, S), "
+                             f"got {shape}")
 
 
 # ----- pieces of the plan ----------------------------------------------------------------------

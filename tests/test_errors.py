@@ -166,11 +166,15 @@ def test_bad_optional_array_names_the_argument(argument: str, value: np.ndarray,
     assert str(info.value).startswith(f"{argument}: ")
 
 
-def test_attention_probs_of_wrong_rank_names_it() -> None:
+@pytest.mark.parametrize("shape", [(1, 1, T, 4), (4,), (T + 1, 4), (1, 4), (2, T - 1, 4)])
+def test_attention_probs_of_wrong_shape_names_it(shape: tuple[int, ...]) -> None:
+    # (1, S) used to broadcast silently over the T tokens; (T + 1, S) failed inside NumPy
     config = RouterConfig(num_experts=E, strategy="complexity",
                           complexity_estimator="attention_entropy")
-    with pytest.raises(InputError, match=r"attention_probs: expected rank 2 \(T, S\) or 3"):
-        route(logits(T), config, attention_probs=np.ones((1, 1, T, 4), np.float32) / 4)
+    with pytest.raises(InputError, match=r"attention_probs: expected shape \(3, S\) or "
+                                         r"\(H, 3, S\)") as info:
+        route(logits(T), config, attention_probs=np.ones(shape, np.float32) / 4)
+    assert info.value.argument == "attention_probs"
 
 
 def test_errors_are_the_documented_builtin_types() -> None:
