@@ -23,6 +23,7 @@ The ``config`` is static (hashable): close over it or pass it with ``static_argn
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,14 +48,21 @@ STATEFUL_STRATEGIES = ("top_p", "complexity")
 def init_params(config: MoEConfig, key: jax.Array,
                 dtype: Any = jnp.float32) -> dict[str, jax.Array]:
     """Random parameters: normal(0, ``init_std``); biases and the expert bias start at zero."""
-    shapes = weight_shapes(config)
+    shapes = tuple(weight_shapes(config).items())
+    return _init_normal(key, shapes, float(config.init_std), jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _init_normal(key: jax.Array, shapes: tuple[tuple[str, tuple[int, ...]], ...], std: float,
+                 dtype: Any) -> dict[str, jax.Array]:
+    # jitted and keyed by shapes only: configs that differ in routing share one compilation
     keys = jax.random.split(key, len(shapes))
     params = {}
-    for (name, shape), k in zip(shapes.items(), keys):
+    for (name, shape), k in zip(shapes, keys):
         if name.endswith("bias"):
             params[name] = jnp.zeros(shape, dtype)
         else:
-            params[name] = config.init_std * jax.random.normal(k, shape, dtype)
+            params[name] = std * jax.random.normal(k, shape, dtype)
     return params
 
 

@@ -5,8 +5,9 @@ names make the ``nnx.state`` paths equal the portable names (``router/weight``,
 ``experts/w_up``, ...). The forward pass is :func:`backends.jax.functional.apply`, so the layer and
 the functional API compute the same thing. Nothing has Python side effects in traced code:
 
-- losses and statistics are sown as ``nnx.Intermediate`` (``router_losses``, ``routing_stats``,
-  ``expert_counts``) and returned with ``return_plan=True``;
+- losses and statistics are returned with ``return_plan=True`` and, inside
+  ``nnx.capture(..., nnx.Intermediate)``, sown as ``router_losses``, ``routing_stats`` and
+  ``expert_counts`` (outside a capture nothing is sown: the module's graph stays fixed);
 - the aux-free bias (:class:`ExpertBias`), the step's expert load (:class:`ExpertLoad`) and the
   controller state (:class:`ControllerState`) are non-trainable ``nnx.Variable`` state, updated
   functionally, so ``nnx.jit`` / ``nnx.grad`` / ``nnx.scan`` carry them.
@@ -26,9 +27,15 @@ from moe_router.config import MoEConfig
 from moe_router.errors import InputError, InputTypeError
 from moe_router.losses import update_expert_bias as _bias_step
 from moe_router.plan import RouterState, RoutingPlan
-from moe_router.weights import check_weights, weight_shapes
+from moe_router.weights import check_weights, init_weights, weight_shapes
 
-from .functional import STATEFUL_STRATEGIES, apply, init_params, resolve_dispatch
+from .functional import STATEFUL_STRATEGIES, apply, resolve_dispatch
+
+
+def _capturing(module: nnx.Module) -> bool:
+    """True inside ``nnx.capture``. Sowing outside it would add attributes to the module (a
+    deprecated path in flax 0.12) and change its graph, so ``nnx.jit`` would retrace each call."""
+    return hasattr(module, "__captures__")
 
 
 class ExpertBias(nnx.Variable):
@@ -76,19 +83,36 @@ class MoE(nnx.Module):
     """Mixture-of-Experts layer: ``y = layer(x)`` for ``x`` of shape ``(..., d_model)``.
 
     ``layer(x, return_plan=True)`` returns ``(y, plan)``; add ``plan.losses.total`` to the
-    training loss (or read the sown ``router_losses`` with ``nnx.pop(layer, nnx.Intermediate)``).
+    training loss, or collect the sown ``router_losses`` with ``nnx.capture(fn, nnx.Intermediate)``.
     Router noise and controller updates happen only in training mode (``layer.train()`` or
     ``training=True``); with ``use_expert_bias`` call :meth:`update_expert_bias` after the
     optimizer step.
     """
 
-    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs,
-                 param_dtype: Any = jnp.float32) -> None:
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs | None = None,
+                 param_dtype: Any = jnp.float32,
+                 weights: Mapping[str, Any] | None = None) -> None:
+        """Args:
+            config: the :class:`MoEConfig`.
+            rngs: ``nnx.Rngs``: ``params`` stream for the initialisation, ``noise`` stream (or
+                ``default``) for router noise in training.
+            param_dtype: dtype of the parameters.
+            weights: initial weights in the portable layout instead of random ones.
+        """
         if not isinstance(config, MoEConfig):
             raise InputTypeError("config", f"expected a MoEConfig, got {type(config).__name__}")
         resolve_dispatch(config, 1)  # fails early on an unknown dispatch name
+        if rngs is None and (weights is None or config.router.noise != "none"):
+            raise InputError("rngs", "expected nnx.Rngs(...) (needed for the random "
+                             "initialisation and for router noise)")
         self.config = config
-        params = init_params(config, rngs.params(), dtype=param_dtype)
+        if weights is None:
+            # NumPy draws seeded by the params key: eager layer construction then compiles no
+            # XLA random kernels (seconds per weight shape on CPU); jit users have init_params
+            seed = np.asarray(jax.random.key_data(rngs.params())).ravel().tolist()
+            weights = init_weights(config, seed=np.random.SeedSequence(seed))
+        params = {name: jnp.asarray(v, param_dtype)
+                  for name, v in check_weights(config, weights).items()}
         self.router = Router(config, params)
         self.experts = Experts(config, params)
         self.shared = SharedExpert(config, params) if config.has_shared else None
@@ -97,7 +121,7 @@ class MoE(nnx.Module):
                                                         jnp.float32))
         self.expert_load = (ExpertLoad(jnp.zeros((r.num_experts,), jnp.int32))
                             if r.use_expert_bias else None)
-        self.noise_rng = rngs["noise"].fork() if r.noise != "none" else None
+        self.noise_rng = rngs["noise"].fork() if rngs is not None and r.noise != "none" else None
         self.deterministic = True  # nnx convention: layer.train() sets it to False
 
     # ----- weights ---------------------------------------------------------------------------
@@ -130,9 +154,9 @@ class MoE(nnx.Module):
     def from_weights(cls, config: MoEConfig, weights: Mapping[str, Any], *,
                      rngs: nnx.Rngs | None = None, **kwargs: Any) -> MoE:
         """A layer holding ``weights`` (the portable dict of any framework's layer)."""
-        layer = cls(config, rngs=rngs if rngs is not None else nnx.Rngs(0), **kwargs)
-        layer.load_weights(weights)
-        return layer
+        if rngs is None and config.router.noise != "none":
+            rngs = nnx.Rngs(0)
+        return cls(config, rngs=rngs, weights=weights, **kwargs)
 
     # ----- state -----------------------------------------------------------------------------
     def router_state_tuple(self) -> RouterState:
@@ -184,7 +208,8 @@ class MoE(nnx.Module):
         if training and self.expert_load is not None:
             self.expert_load[...] = self.expert_load[...] + jax.lax.stop_gradient(
                 plan.expert_counts).astype(jnp.int32)
-        self.sow(nnx.Intermediate, "router_losses", plan.losses)
-        self.sow(nnx.Intermediate, "routing_stats", plan.stats)
-        self.sow(nnx.Intermediate, "expert_counts", plan.expert_counts)
+        if _capturing(self):
+            self.sow(nnx.Intermediate, "router_losses", plan.losses)
+            self.sow(nnx.Intermediate, "routing_stats", plan.stats)
+            self.sow(nnx.Intermediate, "expert_counts", plan.expert_counts)
         return (y, plan) if return_plan else y
