@@ -186,10 +186,10 @@ def expert_choice_rows(probs_T: list[list[np.float32]], config: RouterConfig) ->
 
 
 def hash_row(token_id: int, config: RouterConfig) -> Row:
-    K = config.max_slots
-    table = hash_table(config.hash_seed, config.hash_buckets, config.num_experts, K)
+    n = min(config.k, config.max_slots)  # k experts, even when max_experts is wider
+    table = hash_table(config.hash_seed, config.hash_buckets, config.num_experts, n)
     experts = sorted(int(e) for e in table[int(token_id) % config.hash_buckets])  # equal weights
-    value = F32(1.0 / K) if _normalize_flag(config, False) else F32(1.0)
+    value = F32(1.0 / n) if _normalize_flag(config, False) else F32(1.0)
     return [(e, value) for e in experts]
 
 

@@ -352,3 +352,12 @@ def test_group_limit_masks_whole_groups() -> None:
     assert plan.expert_indices[0].tolist() == [4, 5]
     assert float(plan.expert_weights[0].sum()) == pytest.approx(2.0, rel=1e-6)
 
+
+
+def test_hash_uses_k_experts_when_max_experts_is_wider() -> None:
+    # k is "experts per token for top_k and hash"; max_experts only widens the plan
+    config = RouterConfig(num_experts=8, strategy="hash", k=1, max_experts=3)
+    plan, ref = run_both(config, np.zeros((5, 8), np.float32), token_ids=np.arange(5))
+    assert_matches(plan, ref)
+    assert plan.num_experts_per_token.tolist() == [1] * 5
+    assert (plan.expert_indices[:, 1:] == -1).all() and (plan.expert_weights[:, 0] == 1.0).all()

@@ -194,12 +194,17 @@ def hash(ctx: RoutingContext) -> Selection:  # noqa: A001 - the strategy's publi
     if ctx.token_ids is None:
         raise InputError("token_ids_T", "strategy='hash' needs the (T,) int token ids")
     K = c.max_slots
-    table = b.asarray(hash_table(c.hash_seed, c.hash_buckets, c.num_experts, K), dtype="int",
+    n = min(c.k, K)  # k experts per token, also when max_experts widens the plan beyond k
+    table = b.asarray(hash_table(c.hash_seed, c.hash_buckets, c.num_experts, n), dtype="int",
                       like=ctx.logits)
     bucket_T = b.cast(ctx.token_ids, "int") % c.hash_buckets
     indices_TK = b.gather_rows(table, bucket_T)
-    value = 1.0 / K if _default(c.normalize_weights, False) else 1.0
-    weights_TK = b.full((ctx.num_tokens, K), value, "float32", like=ctx.logits)
+    if n < K:
+        unused = b.full((ctx.num_tokens, K - n), -1, "int", like=ctx.logits)
+        indices_TK = b.concat([indices_TK, unused], axis=-1)
+    value = 1.0 / n if _default(c.normalize_weights, False) else 1.0
+    weights_TK = b.where(indices_TK >= 0, b.full((ctx.num_tokens, K), value, "float32",
+                                                 like=ctx.logits), 0.0)
     return Selection(indices_TK, weights_TK, ctx.state)
 
 
