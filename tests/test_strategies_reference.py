@@ -361,3 +361,21 @@ def test_hash_uses_k_experts_when_max_experts_is_wider() -> None:
     assert_matches(plan, ref)
     assert plan.num_experts_per_token.tolist() == [1] * 5
     assert (plan.expert_indices[:, 1:] == -1).all() and (plan.expert_weights[:, 0] == 1.0).all()
+
+
+@pytest.mark.parametrize("noise", ["normal", "gumbel", "jitter"])
+def test_noise_only_in_training_and_seeded(noise: str) -> None:
+    logits = make_logits("normal", 64, 8, seed=0)
+    config = RouterConfig(num_experts=8, k=2, noise=noise, noise_std=1.0)
+    clean = route(logits, config.replace(noise="none"))
+    at_eval = route(logits, config, rng=0)
+    np.testing.assert_array_equal(at_eval.expert_indices, clean.expert_indices)
+    np.testing.assert_array_equal(at_eval.expert_weights, clean.expert_weights)
+    first = route(logits, config, training=True, rng=1)
+    again = route(logits, config, training=True, rng=1)
+    other = route(logits, config, training=True, rng=2)
+    np.testing.assert_array_equal(first.expert_indices, again.expert_indices)
+    assert not np.array_equal(first.expert_indices, clean.expert_indices)
+    assert not np.array_equal(first.expert_indices, other.expert_indices)
+    no_std = route(logits, config.replace(noise_std=0.0), training=True, rng=1)
+    np.testing.assert_array_equal(no_std.expert_indices, clean.expert_indices)
