@@ -240,8 +240,9 @@ class RouterConfig:
         """Slots per expert, C = ceil(cf * T * nominal_experts / E); ``None`` when dropless."""
         if self.capacity_factor is None:
             return None
-        return max(1, math.ceil(self.capacity_factor * num_tokens * self.nominal_experts
-                                / self.num_experts))
+        slots = self.capacity_factor * num_tokens * self.nominal_experts / self.num_experts
+        # round off float noise first: 1.1 * 25 * 2 / 5 is 11.000000000000002, C must be 11
+        return max(1, math.ceil(round(slots, 9)))
 
     def replace(self, **changes: Any) -> RouterConfig:
         """A copy with ``changes`` applied (validated again)."""

@@ -157,6 +157,18 @@ def test_capacity_is_ceil_of_factor_times_slots_over_experts(fields: dict, T: in
     assert RouterConfig(num_experts=8, **fields).capacity(T) is None
 
 
+@pytest.mark.parametrize(("factor", "T", "k", "E", "want"), [
+    (1.1, 25, 2, 5, 11),  # 1.1 * 25 * 2 / 5 = 11.000000000000002 in floating point
+    (1.1, 45, 2, 3, 33),
+    (0.3, 10, 1, 3, 1),
+    (1.2, 5, 3, 9, 2),  # 2.0 exactly
+    (1.1, 24, 2, 5, 11),  # 10.56
+])
+def test_capacity_of_decimal_factors_is_not_off_by_one(factor: float, T: int, k: int, E: int,
+                                                       want: int) -> None:
+    assert RouterConfig(num_experts=E, k=k, capacity_factor=factor).capacity(T) == want
+
+
 def test_expert_choice_applies_its_own_capacity_and_drops_nothing() -> None:
     logits = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
     config = RouterConfig(num_experts=4, strategy="expert_choice", capacity_factor=1.0)
