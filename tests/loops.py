@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -173,7 +174,7 @@ def relu_row(z: Sequence[float], config: RouterConfig) -> Row:
 def expert_choice_rows(probs_T: list[list[np.float32]], config: RouterConfig) -> list[Row]:
     T, E = len(probs_T), config.num_experts
     factor = config.capacity_factor if config.capacity_factor is not None else config.k
-    C = min(T, max(1, math.ceil(T * factor / E))) if T else 0
+    C = min(T, max(1, math.ceil(exact(factor) * T / E))) if T else 0
     chosen: list[set[int]] = [set() for _ in range(T)]
     for e in range(E):
         for t in ranked([probs_T[t][e] for t in range(T)])[:C]:
@@ -271,6 +272,24 @@ def _complexity_update(scores: list[np.float32], ks: list[int], state: dict[str,
 
 
 # ----- capacity --------------------------------------------------------------------------------
+def exact(x: float) -> Fraction:
+    """A config number as the decimal the user wrote (1.1 is 11/10, not 1.100000000000000088)."""
+    return Fraction(repr(float(x)))
+
+
+def capacity_of(config: RouterConfig, T: int) -> int | None:
+    """C = ceil(cf * T * nominal / E); nominal = k (top_k, hash), else target, else max_experts."""
+    if config.capacity_factor is None:
+        return None
+    if config.strategy in ("top_k", "hash"):
+        nominal = exact(min(config.k, config.num_experts))
+    elif config.target_experts is not None:
+        nominal = exact(config.target_experts)
+    else:
+        nominal = exact(config.max_slots)
+    return max(1, math.ceil(exact(config.capacity_factor) * T * nominal / config.num_experts))
+
+
 def apply_capacity(rows: list[Row], capacity: int | None, num_experts: int,
                    policy: str) -> tuple[list[Row], int]:
     """Drop slots beyond ``capacity`` per expert (ROUTING.md "Capacity and dropping")."""
@@ -337,7 +356,7 @@ def route_loop(logits: np.ndarray, config: RouterConfig, *, token_ids: np.ndarra
         raise ValueError(f"no loop for strategy {strategy!r}")
     if config.route_scale != 1.0:
         rows = [[(e, F32(w * F32(config.route_scale))) for e, w in row] for row in rows]
-    capacity = None if strategy == "expert_choice" else config.capacity(T)
+    capacity = None if strategy == "expert_choice" else capacity_of(config, T)
     rows, dropped = apply_capacity(rows, capacity, E, config.drop_policy)
     return _assemble(z, rows, dropped, config, mask, new_state)
 

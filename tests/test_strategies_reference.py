@@ -379,3 +379,14 @@ def test_noise_only_in_training_and_seeded(noise: str) -> None:
     assert not np.array_equal(first.expert_indices, other.expert_indices)
     no_std = route(logits, config.replace(noise_std=0.0), training=True, rng=1)
     np.testing.assert_array_equal(no_std.expert_indices, clean.expert_indices)
+
+
+@pytest.mark.parametrize(("factor", "T", "E", "want"), [(1.1, 50, 5, 11), (2.2, 25, 11, 5),
+                                                         (1.1, 48, 5, 11), (1.5, 7, 4, 3)])
+def test_expert_choice_capacity_of_decimal_factors(factor: float, T: int, E: int,
+                                                   want: int) -> None:
+    # C = ceil(T * c / E): 50 * 1.1 / 5 is 11.000000000000002 in floating point, C must be 11
+    config = RouterConfig(num_experts=E, strategy="expert_choice", capacity_factor=factor)
+    plan, ref = run_both(config, make_logits("normal", T, E, seed=T))
+    assert_matches(plan, ref)
+    assert plan.expert_counts.tolist() == [want] * E

@@ -162,7 +162,7 @@ def expert_choice(ctx: RoutingContext) -> Selection:
     probs_TE = ctx.probs[:, : c.num_experts]
     probs_ET = einops.rearrange(probs_TE, "t e -> e t")
     if isinstance(T, int):
-        capacity = min(T, max(1, int(np.ceil(T * factor / c.num_experts))))
+        capacity = min(T, max(1, int(np.ceil(round(T * factor / c.num_experts, 9)))))
     else:  # symbolic T (tf.function with unknown batch)
         T_f = b.cast(b.asarray(T, like=probs_TE), "float32")
         capacity = b.cast(b.minimum(b.maximum(b.ceil(T_f * factor / c.num_experts), 1.0), T_f),
