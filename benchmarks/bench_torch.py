@@ -7,6 +7,7 @@ Every implementation gets the same weights (our layer is built with ``MoE.from_h
 
 Columns (medians, milliseconds):
 - ``ours``: ``moe_router.torch.MoE`` (routing + dispatch + experts), ``dispatch="auto"``.
+- ``ours gmm`` / ``ours loop``: the same layer with ``dispatch`` forced to that implementation.
 - ``hf eager`` / ``hf grouped_mm``: ``MixtralSparseMoeBlock`` with
   ``config._experts_implementation`` set to that name (router included).
 - ``dense eq``: one SwiGLU FFN on T*k tokens (same FLOPs as the routed experts).
@@ -14,14 +15,16 @@ Columns (medians, milliseconds):
   over the min(E, T*k) active experts (the memory-bound floor at small T, FLOP-bound at large T).
 - ``route+perm``: our routing (router GEMM, top-k) and permutation (sort, gather, un-permute,
   combine) alone; ``share`` is its fraction of ``ours``.
-Implementations are timed round-robin (see :func:`interleaved_ms`), median of ``--repeats``
-rounds (a quarter of them, at least 5, for T >= 1024).
+Implementations are timed round-robin over 4 weight copies each (weights come from memory, code
+stays warm; see :func:`interleaved_ms`), median of ``--repeats`` rounds (a quarter of them, at
+least 8, for T >= 1024).
 - ``eff``: floor / ours (target >= 0.9); ``vs eager``: hf eager / ours.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -43,24 +46,34 @@ from backends.torch.kernels import choose  # noqa: E402
 from moe_router.torch import MoE  # noqa: E402
 
 D, FF, E, K = 512, 1024, 8, 2
+#: ``wall``: elapsed time; ``cpu``: CPU time of the process (all threads), which a busy shared
+#: machine inflates much less (time spent preempted is not counted)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+#: instances (own weights, 48 MiB each) per implementation, called in turn: > the 32 MiB L3
+COPIES = 4
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time (ms) of each function, measured round-robin after two warm-up rounds,
-    so that load changes on a shared machine hit every implementation alike."""
-    for _ in range(2):
-        for fn in fns.values():
+def interleaved_ms(fns: dict[str, list[Callable[[], object]]], repeats: int,
+                   clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median time (ms) of each implementation, measured round-robin after a warm-up round (load
+    changes on a shared machine hit every implementation alike). Each implementation has
+    ``COPIES`` instances with their own weights, called in turn, so that weights come from
+    memory (as in a model whose other layers ran in between) while code stays warm."""
+    for copies in fns.values():
+        for fn in copies:
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
+    for r in range(repeats):
+        for name, copies in fns.items():
+            fn = copies[r % len(copies)]
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
 def hf_block(implementation: str, seed: int = 0) -> torch.nn.Module:
+    """A Mixtral block with ``config._experts_implementation = implementation``."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -94,10 +107,10 @@ def floor_fn(weights: dict[str, torch.Tensor], T: int) -> Callable[[], torch.Ten
     x = torch.randn(active, per_expert, D)
     wg, wu, wd = (weights[n][:active] for n in ("w_gate", "w_up", "w_down"))
 
-    def run() -> torch.Tensor:
+    def floor() -> torch.Tensor:
         return torch.bmm(F.silu(torch.bmm(x, wg)) * torch.bmm(x, wu), wd)
 
-    return run
+    return floor
 
 
 def dense_fn(weights: dict[str, torch.Tensor], T: int) -> Callable[[], torch.Tensor]:
@@ -106,27 +119,35 @@ def dense_fn(weights: dict[str, torch.Tensor], T: int) -> Callable[[], torch.Ten
     return lambda: (F.silu(x @ wg) * (x @ wu)) @ wd
 
 
-def run(tokens: list[int], repeats: int, out: Path, console: Console) -> dict:
-    eager, grouped = hf_block("eager"), hf_block("grouped_mm")
-    grouped.load_state_dict(eager.state_dict())
-    layer = MoE.from_hf(eager).eval()
-    weights = {n: getattr(layer.experts, n).detach().contiguous()
-               for n in ("w_gate", "w_up", "w_down")}
+def run(tokens: list[int], repeats: int, out: Path, console: Console,
+        clock_name: str = "wall") -> dict:
+    eagers = [hf_block("eager", seed) for seed in range(COPIES)]
+    grouped = [hf_block("grouped_mm", seed) for seed in range(COPIES)]
+    for g, e in zip(grouped, eagers):
+        g.load_state_dict(e.state_dict())
+    layers = [MoE.from_hf(e).eval() for e in eagers]
+    forced = {name: [MoE.from_weights(m.config.replace(dispatch=name), m.export_weights()).eval()
+                     for m in layers] for name in ("grouped_mm", "loop")}
+    weights = [{n: getattr(layer.experts, n).detach().contiguous()
+                for n in ("w_gate", "w_up", "w_down")} for layer in layers]
     rows = []
     with torch.inference_mode():
         for T in tokens:
             x = torch.randn(1, T, D, generator=torch.Generator().manual_seed(T))
-            torch.testing.assert_close(layer(x), eager(x), atol=1e-5, rtol=1e-4)
-            impl = choose(layer.config.dispatch, x[0], weights["w_up"], T * K, E)
-            reps = repeats if T < 1024 else max(5, repeats // 4)
+            torch.testing.assert_close(layers[0](x), eagers[0](x), atol=1e-5, rtol=1e-4)
+            impl = choose(layers[0].config.dispatch, x[0], weights[0]["w_up"], T * K, E)
+            reps = repeats if T < 1024 else max(2 * COPIES, repeats // 4)
             timed = interleaved_ms({
-                "ours_ms": lambda: layer(x),
-                "hf_eager_ms": lambda: eager(x),
-                "hf_grouped_mm_ms": lambda: grouped(x),
-                "dense_eq_ms": dense_fn(weights, T),
-                "floor_ms": floor_fn(weights, T),
-                "route_permute_ms": lambda: routing_and_permute(layer, x[0]),
-            }, reps)
+                "ours_ms": [functools.partial(m, x) for m in layers],
+                "ours_grouped_mm_ms": [functools.partial(m, x) for m in forced["grouped_mm"]],
+                "ours_loop_ms": [functools.partial(m, x) for m in forced["loop"]],
+                "hf_eager_ms": [functools.partial(m, x) for m in eagers],
+                "hf_grouped_mm_ms": [functools.partial(m, x) for m in grouped],
+                "dense_eq_ms": [dense_fn(w, T) for w in weights],
+                "floor_ms": [floor_fn(w, T) for w in weights],
+                "route_permute_ms": [functools.partial(routing_and_permute, m, x[0])
+                                     for m in layers],
+            }, reps, CLOCKS[clock_name])
             row = {"T": T, "dispatch": impl, **timed}
             row["route_permute_share"] = row["route_permute_ms"] / row["ours_ms"]
             row["efficiency_vs_floor"] = row["floor_ms"] / row["ours_ms"]
@@ -135,8 +156,9 @@ def run(tokens: list[int], repeats: int, out: Path, console: Console) -> dict:
             rows.append(row)
             console.print(f"T={T} done", style="dim")
     table = Table(title=f"torch MoE, d={D} f={FF} E={E} k={K} SwiGLU float32 CPU "
-                        f"({torch.get_num_threads()} threads), median ms")
+                        f"({torch.get_num_threads()} threads), median {clock_name} ms")
     columns = [("T", "T", "{}"), ("dispatch", "dispatch", "{}"), ("ours", "ours_ms", "{:.3f}"),
+               ("ours gmm", "ours_grouped_mm_ms", "{:.3f}"), ("ours loop", "ours_loop_ms", "{:.3f}"),
                ("hf eager", "hf_eager_ms", "{:.3f}"),
                ("hf grouped_mm", "hf_grouped_mm_ms", "{:.3f}"),
                ("dense eq", "dense_eq_ms", "{:.3f}"), ("floor", "floor_ms", "{:.3f}"),
@@ -153,7 +175,7 @@ def run(tokens: list[int], repeats: int, out: Path, console: Console) -> dict:
     result = {"benchmark": "bench_torch", "sizes": {"d": D, "f": FF, "E": E, "k": K},
               "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads(),
               "torch": torch.__version__, "python": platform.python_version(),
-              "machine": platform.machine(), "rows": rows,
+              "machine": platform.machine(), "clock": clock_name, "rows": rows,
               "gpu": "not run (no GPU in this session)"}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -166,9 +188,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="1,16,256,4096", help="comma list of T")
     parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bench_torch.json")
     args = parser.parse_args(argv)
-    run([int(t) for t in args.tokens.split(",")], args.repeats, args.out, Console(width=150))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run([int(t) for t in args.tokens.split(",")], args.repeats, args.out, Console(width=150),
+        args.clock)
     return 0
 
 

@@ -13,11 +13,11 @@ Implementations (``MoEConfig.dispatch``):
 - ``loop``: per-expert matmuls over contiguous slices of the sorted rows (exact on any dtype and
   device, e.g. float64 for ``gradcheck``); reads the counts on the host, so it graph-breaks
   under ``torch.compile``.
-- ``gather``: for a handful of slots (decode), each slot's matmuls on its expert's weight view,
-  no sort at all; reads the indices on the host.
+- ``gather``: decode-sized batches: per token, one batched matmul over a strided view of its
+  experts' weights (no sort, no weight copy); reads the indices on the host.
 - ``dense``: every expert on every token, masked by the routing weights (E/K times the FLOPs;
   a static-shape fallback for devices without grouped GEMM, and a debugging aid).
-- ``auto``: ``gather`` for S <= E in eager mode, else ``grouped_mm`` where supported, else
+- ``auto``: ``gather`` for a single token in eager mode, else ``grouped_mm`` where supported, else
   ``loop`` (``dense`` under ``torch.compile`` when grouped GEMM is unsupported).
 """
 
@@ -147,13 +147,14 @@ def _ffn_loop(x_SD: torch.Tensor, weights: dict[str, torch.Tensor], activation: 
 
 def choose(dispatch: str, x: torch.Tensor, w: torch.Tensor, num_slots: int,
            num_experts: int) -> str:
+    num_tokens = x.shape[0]
     """The implementation ``auto`` (or a forced name) resolves to for these operands."""
     if dispatch not in DISPATCH_NAMES:
         raise ConfigError("dispatch", dispatch, f"one of {', '.join(DISPATCH_NAMES)}")
     if dispatch != "auto":
         return dispatch
     compiling = torch.compiler.is_compiling()
-    if not compiling and num_slots <= num_experts:
+    if not compiling and num_slots <= num_experts and num_tokens == 1:
         return "gather"
     if grouped_mm_supported(x, w):
         return "grouped_mm"
@@ -193,19 +194,39 @@ def experts_forward(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Te
     return torch.bmm(gates_TK[:, None, :], out_TKD)[:, 0]
 
 
+def _strided_experts(w: torch.Tensor, first: int, step: int, n: int) -> torch.Tensor:
+    """``w[first], w[first + step], ...`` (n of them) as a view: no copy of the weights."""
+    return w.as_strided((n, *w.shape[1:]), (step * w.stride(0), *w.stride()[1:]),
+                        w.storage_offset() + first * w.stride(0))
+
+
 def _gather(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor,
             weights: dict[str, torch.Tensor], activation: str) -> torch.Tensor:
-    """A few slots: per-slot matmuls on weight views (no sort, no copies of weights)."""
-    T, K = ids_TK.shape
+    """Decode-sized batches: each token's experts as one batched matmul over a strided view
+    of the stacked weights when they are evenly spaced (always true for 1 or 2 experts), else
+    per-expert matmuls. Reads the indices on the host; no sort, no copy of the weights."""
     rows = []
     for t, experts in enumerate(ids_TK.tolist()):
-        acc = None
-        for k, e in enumerate(experts):
-            if e < 0:
-                continue
-            out = _ffn_one(x_TD[t:t + 1], weights, e, activation) * gates_TK[t, k]
-            acc = out if acc is None else acc + out
-        rows.append(acc if acc is not None else x_TD.new_zeros((1, x_TD.shape[1])))
+        used = sorted((e, k) for k, e in enumerate(experts) if e >= 0)
+        if not used:
+            rows.append(x_TD.new_zeros((1, x_TD.shape[1])))
+            continue
+        ids = [e for e, _ in used]
+        order = [k for _, k in used]
+        n = len(ids)
+        gates_1n = gates_TK[t:t + 1, :n] if order == list(range(n)) else gates_TK[t:t + 1, order]
+        step = ids[1] - ids[0] if n > 1 else 1
+        if all(b - a == step for a, b in zip(ids, ids[1:])):
+            x_n1D = x_TD[t].expand(n, 1, -1)
+            view = {name: _strided_experts(w, ids[0], step, n) for name, w in weights.items()}
+            gate = torch.bmm(x_n1D, view["w_gate"]) if "w_gate" in view else None
+            hidden = activate(activation, gate, torch.bmm(x_n1D, view["w_up"]))
+            out_nD = torch.bmm(hidden, view["w_down"])[:, 0]
+        else:
+            out_nD = torch.cat([_ffn_one(x_TD[t:t + 1], weights, e, activation) for e in ids])
+        rows.append(gates_1n @ out_nD)
+    if len(rows) == 1:
+        return rows[0]
     return torch.cat(rows, dim=0) if rows else x_TD.new_zeros(x_TD.shape)
 
 

@@ -8,6 +8,7 @@ plain top-k at inference); expert compute is :mod:`backends.torch.kernels`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -314,7 +315,8 @@ class MoE(nn.Module):
                 or r.max_slots != r.k or "mask_T" in kwargs):
             return None
         if (r.nan_policy == "raise" and not torch.compiler.is_compiling()
-                and not bool(torch.isfinite(logits_TE).all())):
+                and not math.isfinite(float(logits_TE.sum()))  # one op; NaN/Inf propagate
+                and not bool(torch.isfinite(logits_TE).all())):  # the sum merely overflowed?
             raise InputError("x", "router logits contain NaN or Inf (nan_policy='raise'; set "
                              "RouterConfig(nan_policy='ignore') to route them anyway)")
         if r.score_func == "sigmoid":
@@ -328,7 +330,9 @@ class MoE(nn.Module):
         gates_TK = torch.gather(probs_TE, 1, ids_TK)
         if r.normalize_weights is not False:
             total_T1 = gates_TK.sum(dim=-1, keepdim=True)
-            gates_TK = gates_TK / torch.where(total_T1 > 0, total_T1, 1.0)
+            if r.score_func == "sigmoid":  # softmax: the top-1 probability is >= 1/E > 0
+                total_T1 = torch.where(total_T1 > 0, total_T1, 1.0)
+            gates_TK = gates_TK / total_T1
         if r.route_scale != 1.0:
             gates_TK = gates_TK * float(r.route_scale)
         return ids_TK, gates_TK

@@ -84,7 +84,7 @@ def test_matches_reference(name):
 
 
 @pytest.mark.parametrize("dispatch", ["grouped_mm", "loop", "gather", "dense"])
-@pytest.mark.parametrize("name", ["top_k", "null", "capacity"])
+@pytest.mark.parametrize("name", ["top_k", "top_p", "null", "capacity"])
 def test_every_dispatch_matches_reference(name, dispatch):
     _check(CASES[name], dispatch=dispatch)
 
