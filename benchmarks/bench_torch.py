@@ -13,6 +13,7 @@ Columns (medians, milliseconds):
 - ``dense eq``: one SwiGLU FFN on T*k tokens (same FLOPs as the routed experts).
 - ``floor``: a batched matmul streaming each active expert's weights once, tokens split evenly
   over the min(E, T*k) active experts (the memory-bound floor at small T, FLOP-bound at large T).
+- ``route``: our router GEMM and top-k alone.
 - ``route+perm``: our routing (router GEMM, top-k) and permutation (sort, gather, un-permute,
   combine) alone; ``share`` is its fraction of ``ours``.
 Implementations are timed round-robin over 4 weight copies each (weights come from memory, code
@@ -88,6 +89,11 @@ def hf_block(implementation: str, seed: int = 0) -> torch.nn.Module:
     return block
 
 
+def routing_only(layer: MoE, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our router GEMM and top-k selection (the layer's inference fast path)."""
+    return layer._fast_top_k(layer.router(x_TD), {})
+
+
 def routing_and_permute(layer: MoE, x_TD: torch.Tensor) -> torch.Tensor:
     """Our layer's work minus the expert GEMMs: router, top-k, sort, gather, un-permute, combine."""
     logits = layer.router(x_TD)
@@ -147,6 +153,7 @@ def run(tokens: list[int], repeats: int, out: Path, console: Console,
                 "floor_ms": [floor_fn(w, T) for w in weights],
                 "route_permute_ms": [functools.partial(routing_and_permute, m, x[0])
                                      for m in layers],
+                "route_ms": [functools.partial(routing_only, m, x[0]) for m in layers],
             }, reps, CLOCKS[clock_name])
             row = {"T": T, "dispatch": impl, **timed}
             row["route_permute_share"] = row["route_permute_ms"] / row["ours_ms"]
@@ -162,7 +169,7 @@ def run(tokens: list[int], repeats: int, out: Path, console: Console,
                ("hf eager", "hf_eager_ms", "{:.3f}"),
                ("hf grouped_mm", "hf_grouped_mm_ms", "{:.3f}"),
                ("dense eq", "dense_eq_ms", "{:.3f}"), ("floor", "floor_ms", "{:.3f}"),
-               ("route+perm", "route_permute_ms", "{:.3f}"),
+               ("route", "route_ms", "{:.3f}"), ("route+perm", "route_permute_ms", "{:.3f}"),
                ("share", "route_permute_share", "{:.0%}"),
                ("eff (>=0.9)", "efficiency_vs_floor", "{:.2f}"),
                ("vs eager", "speedup_vs_hf_eager", "{:.2f}x"),

@@ -315,7 +315,7 @@ class MoE(nn.Module):
                 or r.max_slots != r.k or "mask_T" in kwargs):
             return None
         if (r.nan_policy == "raise" and not torch.compiler.is_compiling()
-                and not math.isfinite(float(logits_TE.sum()))  # one op; NaN/Inf propagate
+                and not math.isfinite(float(logits_TE.detach().sum()))  # NaN/Inf propagate
                 and not bool(torch.isfinite(logits_TE).all())):  # the sum merely overflowed?
             raise InputError("x", "router logits contain NaN or Inf (nan_policy='raise'; set "
                              "RouterConfig(nan_policy='ignore') to route them anyway)")
