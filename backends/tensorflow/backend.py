@@ -58,7 +58,7 @@ class TensorFlowBackend(Backend):
         return tf.convert_to_tensor(x, dtype=tf_dtype)
 
     def to_numpy(self, x: Array) -> Any:
-        if x.dtype == tf.bfloat16 or x.dtype == tf.float16:
+        if x.dtype == tf.bfloat16:  # NumPy has no native bfloat16
             x = tf.cast(x, tf.float32)
         return np.asarray(x.numpy())
 
