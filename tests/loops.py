@@ -195,19 +195,31 @@ def hash_row(token_id: int, config: RouterConfig) -> Row:
 
 
 # ----- complexity ------------------------------------------------------------------------------
+def entropy32(p: np.ndarray) -> np.float32:
+    """-sum p log p of one float32 row, summed as NumPy sums a float32 row: scores of rows that
+    are permutations of each other differ by float rounding, and token ranks follow it."""
+    p = np.asarray(p, dtype=F32)
+    logs = np.log(np.where(p > 0, p, F32(1.0)))
+    return F32(-np.sum(p * logs, dtype=F32))
+
+
 def complexity_score(t: int, probs: list[np.float32], config: RouterConfig, *,
                      hidden: np.ndarray | None, attention: np.ndarray | None,
                      external: np.ndarray | None) -> np.float32:
+    """The estimator's score of token t, in float32."""
     name = config.complexity_estimator
-    if name == "router_entropy":
-        real = probs[: config.num_experts]
-        total = sum(float(p) for p in real)
-        return F32(entropy([float(p) / total for p in real]))
+    if name == "router_entropy":  # entropy of the real experts' distribution, renormalized
+        real = np.array(probs[: config.num_experts], dtype=F32)
+        return entropy32(real / np.sum(real, dtype=F32))
     if name == "hidden_norm":
-        return F32(math.sqrt(sum(float(v) ** 2 for v in hidden[t])))
-    if name == "attention_entropy":
+        h = np.asarray(hidden[t], dtype=F32)
+        return F32(np.sqrt(np.sum(h * h, dtype=F32)))
+    if name == "attention_entropy":  # mean over heads
         heads = attention[None] if attention.ndim == 2 else attention
-        return F32(sum(entropy(h[t]) for h in heads) / len(heads))
+        total = F32(0.0)
+        for h in heads:
+            total = F32(total + entropy32(h[t]))
+        return F32(total / F32(len(heads)))
     if name == "external":
         return F32(external[t])
     raise ValueError(name)

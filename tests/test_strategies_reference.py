@@ -86,7 +86,7 @@ def clamps(draw: st.DrawFn, E: int) -> dict:
 
 
 def capacity(draw: st.DrawFn) -> dict:
-    return {"capacity_factor": draw(st.sampled_from([None, None, 0.25, 0.5, 1.0, 1.25, 2.0])),
+    return {"capacity_factor": draw(st.sampled_from([None, None, 0.25, 0.3, 1.0, 1.1, 1.25, 2.2])),
             "drop_policy": draw(st.sampled_from(["position", "probability"]))}
 
 
@@ -197,7 +197,7 @@ def test_expert_choice_matches_loop(data: st.DataObject, c: dict) -> None:
     draw, E = data.draw, c["E"]
     config = config_or_reject(
         num_experts=E, strategy="expert_choice", k=draw(st.integers(1, E)),
-        capacity_factor=draw(st.sampled_from([None, 0.5, 1.0, 1.25, 2.0, 3.0])),
+        capacity_factor=draw(st.sampled_from([None, 0.5, 1.1, 1.25, 2.2, 3.0])),
         normalize_weights=draw(st.sampled_from([None, True, False])),
         max_experts=draw(st.one_of(st.none(), st.integers(1, E))))
     plan, ref = run_both(config, make_logits(c["kind"], c["T"], E, c["seed"]))
