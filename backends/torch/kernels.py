@@ -17,8 +17,9 @@ Implementations (``MoEConfig.dispatch``):
   experts' weights (no sort, no weight copy); reads the indices on the host.
 - ``dense``: every expert on every token, masked by the routing weights (E/K times the FLOPs;
   a static-shape fallback for devices without grouped GEMM, and a debugging aid).
-- ``auto``: ``gather`` for a single token in eager mode, else ``grouped_mm`` where supported, else
-  ``loop`` (``dense`` under ``torch.compile`` when grouped GEMM is unsupported).
+- ``auto``: eager: ``gather`` for a single token, ``grouped_mm`` on CUDA where supported, else
+  ``loop`` (on CPU the per-expert GEMMs measured faster than the CPU grouped kernel at every T);
+  under ``torch.compile``: ``grouped_mm`` where supported, else ``dense``.
 """
 
 from __future__ import annotations
@@ -120,9 +121,18 @@ grouped_mm.register_autograd(_gmm_backward, setup_context=_gmm_setup)
 
 def _ffn_grouped(x_SD: torch.Tensor, weights: dict[str, torch.Tensor], activation: str,
                  offs: torch.Tensor) -> torch.Tensor:
-    gate = grouped_mm(x_SD, weights["w_gate"], offs) if "w_gate" in weights else None
-    hidden = activate(activation, gate, grouped_mm(x_SD, weights["w_up"], offs))
-    return grouped_mm(hidden, weights["w_down"], offs)
+    needs_grad = torch.is_grad_enabled() and (
+        x_SD.requires_grad or any(w.requires_grad for w in weights.values()))
+    if torch.compiler.is_compiling() or needs_grad:
+        gate = grouped_mm(x_SD, weights["w_gate"], offs) if "w_gate" in weights else None
+        hidden = activate(activation, gate, grouped_mm(x_SD, weights["w_up"], offs))
+        return grouped_mm(hidden, weights["w_down"], offs)
+    # eager inference: the raw kernel (no custom-op dispatch); the tail rows of the
+    # intermediates are never read by the next grouped GEMM, so only the output is zeroed
+    mm = torch._grouped_mm
+    gate = mm(x_SD, weights["w_gate"], offs=offs) if "w_gate" in weights else None
+    hidden = activate(activation, gate, mm(x_SD, weights["w_up"], offs=offs))
+    return _zero_tail(mm(hidden, weights["w_down"], offs=offs), offs)
 
 
 def _ffn_one(x: torch.Tensor, weights: dict[str, torch.Tensor], e: int,
@@ -153,12 +163,14 @@ def choose(dispatch: str, x: torch.Tensor, w: torch.Tensor, num_slots: int,
         raise ConfigError("dispatch", dispatch, f"one of {', '.join(DISPATCH_NAMES)}")
     if dispatch != "auto":
         return dispatch
-    compiling = torch.compiler.is_compiling()
-    if not compiling and num_slots <= num_experts and num_tokens == 1:
+    if torch.compiler.is_compiling():  # static shapes, no host reads
+        return "grouped_mm" if grouped_mm_supported(x, w) else "dense"
+    if num_slots <= num_experts and num_tokens == 1:
         return "gather"
-    if grouped_mm_supported(x, w):
+    # CPU: per-expert GEMMs beat the CPU grouped kernel at every T measured (bench_torch.py)
+    if x.device.type != "cpu" and grouped_mm_supported(x, w):
         return "grouped_mm"
-    return "dense" if compiling else "loop"
+    return "loop"
 
 
 def experts_forward(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor,
