@@ -390,3 +390,11 @@ def test_expert_choice_capacity_of_decimal_factors(factor: float, T: int, E: int
     plan, ref = run_both(config, make_logits("normal", T, E, seed=T))
     assert_matches(plan, ref)
     assert plan.expert_counts.tolist() == [want] * E
+
+
+def test_balanced_debug_routes_round_robin() -> None:
+    config = RouterConfig(num_experts=5, k=2, balanced_debug=True)
+    plan, ref = run_both(config, make_logits("peaked", 10, 5, seed=4))
+    assert_matches(plan, ref)
+    assert plan.expert_counts.tolist() == [4] * 5  # 10 tokens x 2 slots over 5 experts
+    assert plan.expert_indices[:2].tolist() == [[0, 1], [2, 3]]
