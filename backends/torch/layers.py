@@ -40,6 +40,12 @@ def _resolve_plugins(config: MoEConfig) -> None:
         registry.estimator(config.router.complexity_estimator)
 
 
+def _keep_float32(module: nn.Module, name: str) -> None:
+    buffer = module._buffers.get(name)
+    if buffer is not None and buffer.dtype != torch.float32:
+        module._buffers[name] = buffer.float()
+
+
 class Router(nn.Module):
     """Router linear layer ``(D, E + N)`` with optional bias, and the aux-free bias buffer."""
 
@@ -52,6 +58,11 @@ class Router(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(r.num_experts))
         else:
             self.expert_bias = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Router:
+        super()._apply(fn, recurse)
+        _keep_float32(self, "expert_bias")  # balancing state stays float32 under .half() etc.
+        return self
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         """``(T, E + N)`` float32 logits, outside autocast."""
@@ -131,6 +142,11 @@ class MoE(nn.Module):
         self._reset_parameters(seed)
         self.to(device=device, dtype=dtype)
         self._last: dict[str, Any] = {}
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MoE:
+        super()._apply(fn, recurse)
+        _keep_float32(self, "router_state")  # controller state stays float32
+        return self
 
     # ----- weights ---------------------------------------------------------------------------
     def _reset_parameters(self, seed: int | None) -> None:

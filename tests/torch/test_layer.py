@@ -269,3 +269,13 @@ def test_empty_batch():
 def test_hash_without_token_ids_is_a_clear_error():
     with pytest.raises(mr.InputError, match="token_ids"):
         MoE(CASES["hash"])(torch.zeros(2, D))
+
+
+def test_half_precision_keeps_router_state_float32():
+    config = _config(k=2, use_expert_bias=True)
+    layer = MoE(config, dtype=torch.bfloat16)
+    assert layer.experts.w_up.dtype == torch.bfloat16
+    assert layer.router_state.dtype == torch.float32
+    assert layer.router.expert_bias.dtype == torch.float32
+    y = layer(torch.randn(3, D, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
