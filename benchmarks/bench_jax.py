@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 import moe_router as mr  # noqa: E402
 from backends.jax import dispatch as dp  # noqa: E402
-from moe_router.flax import apply, params_from_weights  # noqa: E402
 from backends.jax.functional import resolve_dispatch  # noqa: E402
+from moe_router.flax import apply, params_from_weights  # noqa: E402
 from moe_router.weights import init_weights  # noqa: E402
 
 D, FF, E, K = 512, 1024, 8, 2
@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     table.add_column("auto / torch", justify="right")
     for row in rows:
         cells = [f"{row['ms'][c]:.2f}" if c in row["ms"] else "-" for c in columns]
-        cells[1 + list(methods).index("auto")] += f" ({row['auto_is']})" if "auto" in methods else ""
+        if "auto" in methods:
+            cells[1 + list(methods).index("auto")] += f" ({row['auto_is']})"
         table.add_row(str(row["tokens"]), *cells,
                       f"{row['efficiency']:.2f}" if row["efficiency"] else "-",
                       f"{row['vs_torch']:.2f}" if row["vs_torch"] else "-")

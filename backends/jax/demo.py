@@ -6,12 +6,12 @@ the NumPy oracle (:func:`moe_router.weights.reference_forward`) on the same weig
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from rich.console import Console
 from rich.table import Table
 
-import jax.numpy as jnp
 from moe_router.complexity import init_router_state
 from moe_router.config import MoEConfig, RouterConfig
 from moe_router.weights import init_weights, reference_forward

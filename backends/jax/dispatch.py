@@ -67,7 +67,7 @@ def activate(name: str, gate: jax.Array | None, up: jax.Array) -> jax.Array:
 
 
 def ffn(x_ND: jax.Array, w: Mapping[str, jax.Array], activation: str) -> jax.Array:
-    """One expert's FFN on rows ``(N, D)`` with weights ``w_gate``/``w_up`` ``(D, F)``, ``w_down``."""
+    """One expert's FFN on rows ``(N, D)``: w_gate / w_up ``(D, F)``, w_down ``(F, D)``."""
     gate = x_ND @ w["w_gate"] if "w_gate" in w else None
     return activate(activation, gate, x_ND @ w["w_up"]) @ w["w_down"]
 

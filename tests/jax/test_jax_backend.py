@@ -7,12 +7,11 @@ import pytest
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
+from jax_cases import ROUTERS, logits, token_ids  # noqa: E402
 
 import moe_router as mr  # noqa: E402
 from moe_router.errors import InputError  # noqa: E402
 from moe_router.registry import get_backend  # noqa: E402
-
-from jax_cases import ROUTERS, logits, token_ids  # noqa: E402
 
 pytestmark = pytest.mark.jax
 

@@ -14,7 +14,6 @@ import pytest
 jax = pytest.importorskip("jax")
 nnx = pytest.importorskip("flax.nnx")
 import jax.numpy as jnp  # noqa: E402
-
 from jax_cases import inputs, moe_config  # noqa: E402
 
 from moe_router.flax import MoE, apply  # noqa: E402

@@ -8,15 +8,13 @@ import pytest
 jax = pytest.importorskip("jax")
 nnx = pytest.importorskip("flax.nnx")
 import jax.numpy as jnp  # noqa: E402
+from jax_cases import ROUTERS, D, inputs, moe_config, token_ids  # noqa: E402
 
 import moe_router as mr  # noqa: E402
-from moe_router.errors import ConfigError, InputError, InputTypeError  # noqa: E402
-from moe_router.weights import reference_forward, weight_shapes  # noqa: E402
-
-from jax_cases import D, ROUTERS, inputs, moe_config, token_ids  # noqa: E402
-
-from moe_router.flax import MoE, apply, params_from_weights  # noqa: E402
 from backends.jax.dispatch import METHODS, choose_method  # noqa: E402
+from moe_router.errors import ConfigError, InputError, InputTypeError  # noqa: E402
+from moe_router.flax import MoE, apply, params_from_weights  # noqa: E402
+from moe_router.weights import reference_forward, weight_shapes  # noqa: E402
 
 pytestmark = pytest.mark.jax
 
