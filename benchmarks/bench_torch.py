@@ -165,7 +165,8 @@ def run(tokens: list[int], repeats: int, out: Path, console: Console,
     table = Table(title=f"torch MoE, d={D} f={FF} E={E} k={K} SwiGLU float32 CPU "
                         f"({torch.get_num_threads()} threads), median {clock_name} ms")
     columns = [("T", "T", "{}"), ("dispatch", "dispatch", "{}"), ("ours", "ours_ms", "{:.3f}"),
-               ("ours gmm", "ours_grouped_mm_ms", "{:.3f}"), ("ours loop", "ours_loop_ms", "{:.3f}"),
+               ("ours gmm", "ours_grouped_mm_ms", "{:.3f}"),
+               ("ours loop", "ours_loop_ms", "{:.3f}"),
                ("hf eager", "hf_eager_ms", "{:.3f}"),
                ("hf grouped_mm", "hf_grouped_mm_ms", "{:.3f}"),
                ("dense eq", "dense_eq_ms", "{:.3f}"), ("floor", "floor_ms", "{:.3f}"),

@@ -72,7 +72,8 @@ def run_demo(console: Console, num_tokens: int = T) -> None:
                         if c)
         table.add_row(name, f"{s['mean_experts']:.2f}", "k=" + hist,
                       f"{s['max_load'] / max(s['mean_load'], 1e-9):.2f}", str(s["num_dropped"]),
-                      f"{s['mean_experts'] / 2:.2f}x", f"{np.abs(y - ref).max() / np.abs(ref).max():.1e}")
+                      f"{s['mean_experts'] / 2:.2f}x",
+                      f"{np.abs(y - ref).max() / np.abs(ref).max():.1e}")
     console.print(table)
 
 
