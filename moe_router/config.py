@@ -27,6 +27,7 @@ BUILTIN_STRATEGIES = (
     "hash",
     "complexity",
 )
+K_STRATEGIES = ("top_k", "hash", "expert_choice")  # strategies that read ``k``
 DYNAMIC_STRATEGIES = ("top_p", "threshold", "relu", "expert_choice", "complexity")
 BUILTIN_ESTIMATORS = ("router_entropy", "hidden_norm", "attention_entropy", "external")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
@@ -129,8 +130,12 @@ class RouterConfig:
                f"a registered strategy name (built in: {', '.join(BUILTIN_STRATEGIES)})")
         _check(_is_int(self.num_null_experts) and self.num_null_experts >= 0, "num_null_experts",
                self.num_null_experts, "an int >= 0")
-        _check(_is_int(self.k) and 1 <= self.k <= self.num_choices, "k", self.k,
-               f"an int in [1, num_experts + num_null_experts] = [1, {self.num_choices}]")
+        # k only matters to strategies that read it (the default k=2 must not stop, say,
+        # RouterConfig(num_experts=1, strategy="top_p"))
+        k_limit = self.num_choices if self.strategy in K_STRATEGIES else None
+        _check(_is_int(self.k) and 1 <= self.k <= (k_limit or self.k), "k", self.k,
+               f"an int in [1, num_experts + num_null_experts] = [1, {self.num_choices}]"
+               if k_limit else "an int >= 1")
         _check(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", self.top_p,
                "a float in (0, 1]")
         _check(_is_number(self.threshold) and 0.0 < self.threshold <= 1.0, "threshold",

@@ -40,7 +40,9 @@ class RouterLosses(NamedTuple):
 
 
 class RoutingStats(NamedTuple):
-    """Routing statistics, computed over the unmasked tokens.
+    """Routing statistics. ``mean_experts``, ``k_histogram`` and ``router_entropy`` cover the
+    unmasked tokens; ``max_load`` / ``mean_load`` describe ``expert_counts``, i.e. every routed
+    token (padding included, since padding also occupied the experts).
 
     Attributes:
         mean_experts: mean experts per token (float32 scalar).
