@@ -279,3 +279,38 @@ def test_half_precision_keeps_router_state_float32():
     assert layer.router.expert_bias.dtype == torch.float32
     y = layer(torch.randn(3, D, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", ["null", "capacity", "relu"])
+def test_unused_slots_cost_no_compute(name, monkeypatch):
+    from backends.torch import kernels
+
+    rows = []
+    original = kernels._ffn_one
+
+    def counting(x, weights, e, activation):
+        rows.append(x.shape[0])
+        return original(x, weights, e, activation)
+
+    monkeypatch.setattr(kernels, "_ffn_one", counting)
+    layer, plan = _check(CASES[name], dispatch="loop")
+    used = int((plan.expert_indices >= 0).sum())
+    assert used < plan.expert_indices.size  # the case has unused slots
+    assert sum(rows) == used  # exactly one expert row per used slot
+
+
+def test_auto_dispatch_choice():
+    from backends.torch.kernels import choose
+
+    w = torch.zeros(8, 4, 4)
+    assert choose("auto", torch.zeros(1, 4), w, 2, 8) == "gather"
+    assert choose("auto", torch.zeros(16, 4), w, 32, 8) == "loop"  # CPU eager
+    assert choose("auto", torch.zeros(16, 4, dtype=torch.float64), w.double(), 32, 8) == "loop"
+    assert choose("grouped_mm", torch.zeros(1, 4), w, 2, 8) == "grouped_mm"
+    with pytest.raises(mr.ConfigError, match="dispatch"):
+        choose("nope", torch.zeros(1, 4), w, 2, 8)
+
+
+def test_unknown_dispatch_name_is_refused_at_construction():
+    with pytest.raises(mr.InputError, match="dispatch"):
+        MoE(_config(k=2, dispatch="magic"))
