@@ -7,7 +7,8 @@ Every implementation gets the same weights (our layer is built with ``MoE.from_h
 
 Columns (medians, milliseconds):
 - ``ours``: ``moe_router.torch.MoE`` (routing + dispatch + experts), ``dispatch="auto"``.
-- ``ours gmm`` / ``ours loop``: the same layer with ``dispatch`` forced to that implementation.
+- ``ours gmm`` / ``ours loop`` / ``ours padded``: the same layer with ``dispatch`` forced to
+  that implementation.
 - ``hf eager`` / ``hf grouped_mm``: ``MixtralSparseMoeBlock`` with
   ``config._experts_implementation`` set to that name (router included).
 - ``dense eq``: one SwiGLU FFN on T*k tokens (same FLOPs as the routed experts).
@@ -133,7 +134,7 @@ def run(tokens: list[int], repeats: int, out: Path, console: Console,
         g.load_state_dict(e.state_dict())
     layers = [MoE.from_hf(e).eval() for e in eagers]
     forced = {name: [MoE.from_weights(m.config.replace(dispatch=name), m.export_weights()).eval()
-                     for m in layers] for name in ("grouped_mm", "loop")}
+                     for m in layers] for name in ("grouped_mm", "loop", "padded")}
     weights = [{n: getattr(layer.experts, n).detach().contiguous()
                 for n in ("w_gate", "w_up", "w_down")} for layer in layers]
     rows = []
@@ -147,6 +148,7 @@ def run(tokens: list[int], repeats: int, out: Path, console: Console,
                 "ours_ms": [functools.partial(m, x) for m in layers],
                 "ours_grouped_mm_ms": [functools.partial(m, x) for m in forced["grouped_mm"]],
                 "ours_loop_ms": [functools.partial(m, x) for m in forced["loop"]],
+                "ours_padded_ms": [functools.partial(m, x) for m in forced["padded"]],
                 "hf_eager_ms": [functools.partial(m, x) for m in eagers],
                 "hf_grouped_mm_ms": [functools.partial(m, x) for m in grouped],
                 "dense_eq_ms": [dense_fn(w, T) for w in weights],
@@ -167,6 +169,7 @@ def run(tokens: list[int], repeats: int, out: Path, console: Console,
     columns = [("T", "T", "{}"), ("dispatch", "dispatch", "{}"), ("ours", "ours_ms", "{:.3f}"),
                ("ours gmm", "ours_grouped_mm_ms", "{:.3f}"),
                ("ours loop", "ours_loop_ms", "{:.3f}"),
+               ("ours padded", "ours_padded_ms", "{:.3f}"),
                ("hf eager", "hf_eager_ms", "{:.3f}"),
                ("hf grouped_mm", "hf_grouped_mm_ms", "{:.3f}"),
                ("dense eq", "dense_eq_ms", "{:.3f}"), ("floor", "floor_ms", "{:.3f}"),

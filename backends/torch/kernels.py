@@ -13,13 +13,17 @@ Implementations (``MoEConfig.dispatch``):
 - ``loop``: per-expert matmuls over contiguous slices of the sorted rows (exact on any dtype and
   device, e.g. float64 for ``gradcheck``); reads the counts on the host, so it graph-breaks
   under ``torch.compile``.
+- ``padded``: the sorted rows scattered into an ``(E, C, D)`` buffer (C = the largest expert's
+  row count, read on the host) and three batched matmuls: padding rows cost FLOPs but no extra
+  weight traffic, and ``bmm`` spreads the experts over threads (CPU, small and medium T).
 - ``gather``: decode-sized batches: per token, one batched matmul over a strided view of its
   experts' weights (no sort, no weight copy); reads the indices on the host.
 - ``dense``: every expert on every token, masked by the routing weights (E/K times the FLOPs;
   a static-shape fallback for devices without grouped GEMM, and a debugging aid).
 - ``auto``: eager: ``gather`` for a single token, ``grouped_mm`` on CUDA where supported, else
-  ``loop`` (on CPU the per-expert GEMMs measured faster than the CPU grouped kernel at every T);
-  under ``torch.compile``: ``grouped_mm`` where supported, else ``dense``.
+  ``padded`` up to ``PADDED_MAX_SLOTS`` slots and ``loop`` above (on CPU both measured faster
+  than the CPU grouped kernel at every T); under ``torch.compile``: ``grouped_mm`` where
+  supported, else ``dense``.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ import torch.nn.functional as F
 
 from moe_router.errors import ConfigError
 
-DISPATCH_NAMES = ("auto", "grouped_mm", "loop", "gather", "dense")
+DISPATCH_NAMES = ("auto", "grouped_mm", "loop", "padded", "gather", "dense")
 _GMM_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: ``auto`` on CPU uses ``padded`` up to this many slots (T*K), ``loop`` above
+PADDED_MAX_SLOTS = 2048
 
 
 def activate(name: str, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
@@ -155,6 +161,31 @@ def _ffn_loop(x_SD: torch.Tensor, weights: dict[str, torch.Tensor], activation: 
     return torch.cat(pieces, dim=0)
 
 
+def _ffn_padded(x_SD: torch.Tensor, key_S: torch.Tensor, weights: dict[str, torch.Tensor],
+                activation: str, offs: torch.Tensor) -> torch.Tensor:
+    """Sorted rows scattered into an ``(E, C, D)`` buffer (C = the largest expert's row count,
+    read on the host), three batched matmuls, rows gathered back. Padding rows cost FLOPs but no
+    extra weight traffic, and ``bmm`` splits the experts over threads: the fast CPU path when
+    the layer is bound by streaming the weights (small and medium T)."""
+    E = weights["w_up"].shape[0]
+    ends = offs.tolist()
+    starts = [0, *ends[:-1]]
+    capacity = max(end - start for start, end in zip(starts, ends))
+    used = ends[-1]
+    out_SD = x_SD.new_zeros((x_SD.shape[0], weights["w_down"].shape[-1]))
+    if used == 0:
+        return out_SD
+    expert_U = key_S[:used]
+    start_E = torch.tensor(starts, device=x_SD.device, dtype=torch.int64)
+    rank_U = torch.arange(used, device=x_SD.device) - start_E[expert_U]
+    x_ECD = x_SD.new_zeros((E, capacity, x_SD.shape[1]))
+    x_ECD = x_ECD.index_put((expert_U, rank_U), x_SD[:used])
+    gate = torch.bmm(x_ECD, weights["w_gate"]) if "w_gate" in weights else None
+    hidden = activate(activation, gate, torch.bmm(x_ECD, weights["w_up"]))
+    out_ECD = torch.bmm(hidden, weights["w_down"])
+    return out_SD.index_put((torch.arange(used, device=x_SD.device),), out_ECD[expert_U, rank_U])
+
+
 def choose(dispatch: str, x: torch.Tensor, w: torch.Tensor, num_slots: int,
            num_experts: int) -> str:
     num_tokens = x.shape[0]
@@ -167,10 +198,11 @@ def choose(dispatch: str, x: torch.Tensor, w: torch.Tensor, num_slots: int,
         return "grouped_mm" if grouped_mm_supported(x, w) else "dense"
     if num_slots <= num_experts and num_tokens == 1:
         return "gather"
-    # CPU: per-expert GEMMs beat the CPU grouped kernel at every T measured (bench_torch.py)
     if x.device.type != "cpu" and grouped_mm_supported(x, w):
         return "grouped_mm"
-    return "loop"
+    # CPU (bench_torch.py): the CPU grouped kernel lost to both below at every T; the padded
+    # batched matmul wins while weight traffic dominates, per-expert GEMMs at large T
+    return "padded" if num_slots <= PADDED_MAX_SLOTS else "loop"
 
 
 def experts_forward(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor,
@@ -200,6 +232,8 @@ def experts_forward(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Te
         out_SD = _ffn_grouped(x_SD, weights, activation, offs_E)
     elif impl == "loop":
         out_SD = _ffn_loop(x_SD, weights, activation, offs_E)
+    elif impl == "padded":
+        out_SD = _ffn_padded(x_SD, key_sorted_S, weights, activation, offs_E)
     else:
         raise ConfigError("dispatch", impl, f"one of {', '.join(DISPATCH_NAMES)}")
     out_TKD = torch.zeros_like(out_SD).index_copy(0, slot_S, out_SD).reshape(T, K, -1)

@@ -83,7 +83,7 @@ def test_matches_reference(name):
         assert len(set(plan.num_experts_per_token.tolist())) > 1  # really dynamic
 
 
-@pytest.mark.parametrize("dispatch", ["grouped_mm", "loop", "gather", "dense"])
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "loop", "padded", "gather", "dense"])
 @pytest.mark.parametrize("name", ["top_k", "top_p", "null", "capacity"])
 def test_every_dispatch_matches_reference(name, dispatch):
     _check(CASES[name], dispatch=dispatch)
@@ -142,7 +142,7 @@ def test_gradcheck_float64_router_and_experts():
     assert layer.shared.gate.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("impl", ["loop", "dense", "gather"])
+@pytest.mark.parametrize("impl", ["loop", "padded", "dense", "gather"])
 def test_gradcheck_float64_expert_kernels_exact(impl):
     from backends.torch.kernels import experts_forward
 
@@ -304,8 +304,9 @@ def test_auto_dispatch_choice():
 
     w = torch.zeros(8, 4, 4)
     assert choose("auto", torch.zeros(1, 4), w, 2, 8) == "gather"
-    assert choose("auto", torch.zeros(16, 4), w, 32, 8) == "loop"  # CPU eager
-    assert choose("auto", torch.zeros(16, 4, dtype=torch.float64), w.double(), 32, 8) == "loop"
+    assert choose("auto", torch.zeros(16, 4), w, 32, 8) == "padded"  # CPU eager
+    assert choose("auto", torch.zeros(4096, 4), w, 8192, 8) == "loop"
+    assert choose("auto", torch.zeros(16, 4, dtype=torch.float64), w.double(), 32, 8) == "padded"
     assert choose("grouped_mm", torch.zeros(1, 4), w, 2, 8) == "grouped_mm"
     with pytest.raises(mr.ConfigError, match="dispatch"):
         choose("nope", torch.zeros(1, 4), w, 2, 8)
