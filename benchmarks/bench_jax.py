@@ -18,7 +18,10 @@ Columns (medians, milliseconds, whole layer: router GEMM + routing + dispatch + 
 - ``eff``: dense eq / auto (target >= 0.6 at T=4096); ``vs torch``: auto / torch (target
   <= 1.2).
 Implementations are timed round-robin (load changes on the shared machine hit all alike), median
-of ``--repeats`` rounds after a warm-up (compile) round.
+of ``--repeats`` rounds after a warm-up (compile) round. ``--clock cpu`` measures process CPU
+time (robust to a busy machine); for a single-threaded comparison with torch run
+``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"`` with
+``--torch-threads 1``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -59,16 +63,23 @@ def config(dispatch: str = "auto", capacity_factor: float | None = None) -> mr.M
     return mr.MoEConfig(d_model=D, d_ff=FF, router=router, dispatch=dispatch)
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time (ms) of each function, round-robin, after one warm-up call each."""
+#: ``wall``: elapsed time; ``cpu``: CPU time of the process summed over its threads, which a busy
+#: shared machine inflates much less (time spent descheduled is not counted)
+CLOCKS = {"wall": "perf_counter", "cpu": "process_time"}
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int,
+                   clock: str = "wall") -> dict[str, float]:
+    """Median time (ms) of each function, round-robin, after one warm-up call each."""
+    now = getattr(time, CLOCKS[clock])
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(now() - t0)
     return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
@@ -98,7 +109,9 @@ import numpy as np, torch
 sys.path.insert(0, {root!r})
 import moe_router as mr
 from moe_router.torch import MoE
-T, repeats = {T}, {repeats}
+T, repeats, now = {T}, {repeats}, time.{clock}
+if {threads}:
+    torch.set_num_threads({threads})
 router = mr.RouterConfig(num_experts={E}, k={K})
 config = mr.MoEConfig(d_model={D}, d_ff={FF}, router=router)
 layer = MoE.from_weights(config, dict(np.load({weights!r}))).eval()
@@ -107,20 +120,22 @@ times = []
 with torch.inference_mode():
     layer(x)
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = now()
         layer(x)
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
 print(json.dumps(statistics.median(times) * 1e3))
 """
 
 
-def torch_ms(T: int, weights_path: Path, repeats: int) -> float | None:
+def torch_ms(T: int, weights_path: Path, repeats: int, clock: str = "wall",
+             threads: int = 0) -> float | None:
     """Median ms of ``moe_router.torch.MoE`` on the same weights, in a child process.
 
     Not interleaved with JAX in one process: torch's OpenMP threads and XLA's thread pool then
     compete for the 2 cores and both slow down several-fold (seen here: 3-50x on torch)."""
     code = _TORCH_CHILD.format(root=str(ROOT), T=T, repeats=repeats, E=E, K=K, D=D, FF=FF,
-                               weights=str(weights_path))
+                               weights=str(weights_path), clock=CLOCKS[clock],
+                               threads=threads)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=900)
     if done.returncode != 0:
@@ -134,6 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", default="1,16,256,4096")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch.set_num_threads in the torch child (0: torch's default)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch layer")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_jax.json"))
     args = parser.parse_args(argv)
@@ -146,10 +164,10 @@ def main(argv: list[str] | None = None) -> dict:
     for T in (int(t) for t in args.tokens.split(",")):
         fns, notes = jax_fns(T, weights, methods)
         repeats = args.repeats if T < 1024 else max(3, args.repeats // 2)
-        ms = interleaved_ms(fns, repeats)
+        ms = interleaved_ms(fns, repeats, args.clock)
         del fns  # free the compiled executables and buffers before the torch child runs
         if not args.no_torch:
-            torch_time = torch_ms(T, weights_path, repeats)
+            torch_time = torch_ms(T, weights_path, repeats, args.clock, args.torch_threads)
             if torch_time is not None:
                 ms["torch"] = torch_time
         row = {"tokens": T, "auto_is": notes["auto"], "ms": ms,
@@ -158,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         console.print(f"T={T}: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
     table = Table(title=f"Flax MoE layer vs dense-equivalent, CPU (d={D}, f={FF}, E={E}, k={K}, "
-                        "SwiGLU, float32), median ms")
+                        f"SwiGLU, float32), median ms ({args.clock} clock)")
     columns = ["dense eq", *methods, "torch"]
     table.add_column("T", justify="right")
     for name in columns:
@@ -177,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
               "machine": f"{platform.machine()}, {jax.default_backend()}, "
                          f"{len(jax.devices())} device(s)",
               "jax": jax.__version__, "sizes": {"d": D, "f": FF, "E": E, "k": K},
+              "clock": args.clock, "torch_threads": args.torch_threads,
+              "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "command": "python " + " ".join(sys.argv), "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,10 @@ Every method follows the same three steps, all with shapes fixed at trace time:
 Methods (``MoEConfig.dispatch``):
 
 ============== =========================================================================
-``tiles``      dropless; every expert's rows padded to a multiple of a tile of B rows,
-               ``lax.scan`` over a static upper bound of tiles, one ``(B, D) x (D, F)``
-               matmul per tile with its expert's weights; empty tiles skipped (``lax.cond``)
+``tiles``      dropless; every expert's rows padded to a multiple of a tile of B rows;
+               ``lax.scan`` over experts around a ``lax.scan`` over a static bound of
+               tiles, one ``(B, D) x (D, F)`` FFN per tile; empty tiles skipped
+               (``lax.cond``); each expert's weights are sliced once
 ``capacity``   a static ``(E, C, D)`` buffer and one batched einsum; C is the router's
                capacity when ``capacity_factor`` is set (exact: routing dropped the
                overflow), else T (dropless, E/K times the dense-equivalent work)
@@ -115,33 +116,41 @@ def tile_size(num_slots: int, num_experts: int) -> int:
 # ----- methods ---------------------------------------------------------------------------------
 def tiles(x_TD: jax.Array, ids_TK: jax.Array, weights_TK: jax.Array,
           w: Mapping[str, jax.Array], activation: str, tile: int | None = None) -> jax.Array:
-    """Dropless: expert groups padded to tiles of B rows, ``lax.scan`` over the tiles."""
+    """Dropless: expert groups padded to tiles of B rows; a scan over experts (each expert's
+    weights sliced once) around a scan over that expert's tiles (static bound, empty ones
+    skipped with ``lax.cond``), each tile one ``(B, D) x (D, F)`` FFN written in place."""
     T, K = ids_TK.shape
     E = w["w_up"].shape[0]
     S = T * K
     B = tile or tile_size(S, E)
     n_tiles = math.ceil(S / B) + min(E, S)  # sum_e ceil(c_e / B) never exceeds this
+    max_tiles = math.ceil(S / B)  # of one expert
     key_S, rank_S, counts_E = rank_in_expert(ids_TK.reshape(-1), E)
     tiles_E = (counts_E + B - 1) // B
-    tile_end_E = jnp.cumsum(tiles_E)
-    tile_start_E1 = jnp.concatenate([tile_end_E - tiles_E, jnp.zeros((1,), jnp.int32)])
+    tile_start_E = jnp.cumsum(tiles_E) - tiles_E
+    tile_start_E1 = jnp.concatenate([tile_start_E, jnp.zeros((1,), jnp.int32)])
     lay = _layout(tile_start_E1[key_S] * B + rank_S, key_S < E, n_tiles * B, T, K)
-    x_NBD = einops.rearrange(gather_rows(x_TD, lay.src_R), "(n b) d -> n b d", b=B)
-    tile_n = jnp.arange(n_tiles, dtype=jnp.int32)
-    expert_n = jnp.minimum(jnp.searchsorted(tile_end_E, tile_n, side="right"), E - 1)
-    used_n = tile_n < tile_end_E[-1]
+    x_RD = gather_rows(x_TD, lay.src_R)
 
-    def step(carry: None, xs: tuple[jax.Array, ...]) -> tuple[None, jax.Array]:
-        x_BD, e, used = xs
+    def expert_step(out_RD: jax.Array, e: jax.Array) -> tuple[jax.Array, None]:
+        w_e = {name: v[e] for name, v in w.items()}  # one weight slice per expert, not per tile
 
-        def compute(x_BD: jax.Array) -> jax.Array:
-            return ffn(x_BD, {name: v[e] for name, v in w.items()}, activation)
+        def tile_step(out_RD: jax.Array, j: jax.Array) -> tuple[jax.Array, None]:
+            row = (tile_start_E[e] + j) * B
 
-        out = jax.lax.cond(used, compute, lambda x_BD: jnp.zeros_like(x_BD), x_BD)
-        return carry, out
+            def compute(out_RD: jax.Array) -> jax.Array:
+                x_BD = jax.lax.dynamic_slice_in_dim(x_RD, row, B)
+                return jax.lax.dynamic_update_slice_in_dim(out_RD, ffn(x_BD, w_e, activation),
+                                                           row, 0)
 
-    _, out_NBD = jax.lax.scan(step, None, (x_NBD, expert_n, used_n))
-    return combine(out_NBD.reshape(n_tiles * B, -1), lay.dest_S, weights_TK)
+            return jax.lax.cond(j < tiles_E[e], compute, lambda o: o, out_RD), None
+
+        out_RD, _ = jax.lax.scan(tile_step, out_RD, jnp.arange(max_tiles, dtype=jnp.int32))
+        return out_RD, None
+
+    out0 = jnp.zeros((n_tiles * B, w["w_down"].shape[-1]), x_TD.dtype)
+    out_RD, _ = jax.lax.scan(expert_step, out0, jnp.arange(E, dtype=jnp.int32))
+    return combine(out_RD, lay.dest_S, weights_TK)
 
 
 def capacity(x_TD: jax.Array, ids_TK: jax.Array, weights_TK: jax.Array,
