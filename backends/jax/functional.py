@@ -94,6 +94,8 @@ def experts_apply(x_TD: jax.Array, ids_TK: jax.Array, weights_TK: jax.Array,
                   method: str | None = None) -> jax.Array:
     """Routed experts only: ``(T, D)`` out, ``sum_k weights[t, k] * expert_{ids[t, k]}(x_t)``."""
     T = x_TD.shape[0]
+    if T == 0:  # nothing to compute (reshapes with -1 are undefined on empty arrays)
+        return jnp.zeros_like(x_TD)
     method = method or resolve_dispatch(config, T)
     w = {name: params[f"experts.{name}"].astype(x_TD.dtype)
          for name in ("w_gate", "w_up", "w_down") if f"experts.{name}" in params}

@@ -148,18 +148,22 @@ def test_jax_jit_of_functional_apply_traces_once():
     params = params_from_weights(mc, MoE(mc, rngs=nnx.Rngs(0)).export_weights())
     traces = []
 
+    mask = np.asarray([1, 1, 0, 1], np.float32)  # padding: out of losses and statistics
+
     @jax.jit
-    def f(params, x):
+    def f(params, x, mask):
         traces.append(1)
-        y, plan = apply(params, x, mc)
+        y, plan = apply(params, x, mc, mask=mask)
         return y, plan
 
     for seed in range(3):
-        y, plan = f(params, jnp.asarray(inputs((4,), seed=seed)))
+        y, plan = f(params, jnp.asarray(inputs((4,), seed=seed)), jnp.asarray(mask))
     assert len(traces) == 1 and isinstance(plan, mr.RoutingPlan)
     want, ref = reference_forward(inputs((4,), seed=2), {k: np.asarray(v) for k, v in
-                                                         params.items()}, mc)
+                                                         params.items()}, mc, mask_T=mask)
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(plan.stats.k_histogram), ref.stats.k_histogram)
+    np.testing.assert_allclose(float(plan.losses.total), float(ref.losses.total), rtol=1e-5)
 
 
 def test_complexity_controller_updates_under_jit_in_training():
@@ -268,6 +272,24 @@ def test_input_errors_name_the_argument():
         MoE(moe_config("hash"), rngs=nnx.Rngs(0))(jnp.zeros((3, D)))
     with pytest.raises(ConfigError):
         moe_config(dispatch="")
+
+
+def test_empty_batch_gives_empty_output():
+    mc = moe_config("top_k")
+    params = params_from_weights(mc, MoE(mc, rngs=nnx.Rngs(0)).export_weights())
+    y, plan = jax.jit(lambda p, x: apply(p, x, mc))(params, jnp.zeros((2, 0, D)))
+    assert y.shape == (2, 0, D) and plan.expert_indices.shape == (0, 2)
+    assert int(plan.expert_counts.sum()) == 0
+
+
+def test_plan_pytree_registration_is_idempotent():
+    from backends.jax.backend import register_plan_pytree
+
+    register_plan_pytree()
+    register_plan_pytree()
+    plan = jax.jit(lambda z: mr.route(z, ROUTERS["top_k"]))(jnp.zeros((3, 4)))
+    leaves, treedef = jax.tree.flatten(plan)
+    assert len(leaves) > 5 and jax.tree.unflatten(treedef, leaves).config == ROUTERS["top_k"]
 
 
 def test_bfloat16_input_keeps_its_dtype():
