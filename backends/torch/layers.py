@@ -262,9 +262,9 @@ class MoE(nn.Module):
             self._after_route(plan)
             self._last = {"plan": plan}
         e = self.experts
-        weights = {"w_up": e.w_up.to(dtype), "w_down": e.w_down.to(dtype)}
-        if e.w_gate is not None:
-            weights["w_gate"] = e.w_gate.to(dtype)
+        weights = {name: w if w.dtype == dtype else w.to(dtype)
+                   for name, w in (("w_gate", e.w_gate), ("w_up", e.w_up), ("w_down", e.w_down))
+                   if w is not None}
         impl = choose(self.config.dispatch, x_TD, weights["w_up"], ids_TK.numel(),
                       self.config.num_experts)
         y_TD = experts_forward(x_TD, ids_TK, gates_TK, weights, self.config.activation, impl)
