@@ -166,6 +166,26 @@ def test_jax_jit_of_functional_apply_traces_once():
     np.testing.assert_allclose(float(plan.losses.total), float(ref.losses.total), rtol=1e-5)
 
 
+def test_router_noise_only_in_training_from_the_layer_rng_stream():
+    mc = moe_config("top_k").with_router(noise="normal", noise_std=1.0)
+    layer = MoE(mc, rngs=nnx.Rngs(0, noise=1))
+    traces = []
+
+    @nnx.jit
+    def ids(model, x):
+        traces.append(1)
+        return model(x, return_plan=True)[1].expert_indices
+
+    x = jnp.asarray(inputs((16,)))
+    layer.train()
+    first, second = ids(layer, x), ids(layer, x)
+    assert not np.array_equal(first, second)  # the noise stream advances between steps
+    layer.eval()
+    _, ref = reference_forward(np.asarray(x), layer.export_weights(), mc)
+    np.testing.assert_array_equal(np.asarray(ids(layer, x)), ref.expert_indices)  # no noise
+    assert len(traces) == 2  # one trace per mode, none per step
+
+
 def test_complexity_controller_updates_under_jit_in_training():
     mc = moe_config("complexity")
     layer = MoE(mc, rngs=nnx.Rngs(0))
