@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -100,6 +101,7 @@ def _histogram_text(counts: Sequence[int]) -> str:
 
 def framework_demos(console: Console, only: Sequence[str] | None = None) -> None:
     """Run each installed backend's ``run_demo`` (torch, jax, tensorflow)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     for framework, module in (("torch", "backends.torch.demo"), ("jax", "backends.jax.demo"),
                               ("tensorflow", "backends.tensorflow.demo")):
         if only is not None and framework not in only:
