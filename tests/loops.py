@@ -1,6 +1,6 @@
 """Independent per-token reference loops for every routing strategy of ROUTING.md.
 
-Written from the spec (``/work/shared/ROUTING.md``, ``docs/routing.md``) and the documented k map
+Written from the spec (the shared ``ROUTING.md``, ``docs/routing.md``) and the documented k map
 of :mod:`moe_router.complexity`, not from the core's code: one token at a time, plain Python
 lists, float32 NumPy scalars where the spec says float32, sequential float32 cumulative sums so
 boundary decisions (``cum > p``, ``before < t``) are taken exactly as the spec states them.

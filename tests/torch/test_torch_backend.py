@@ -9,27 +9,13 @@ torch = pytest.importorskip("torch")
 
 import moe_router as mr  # noqa: E402
 from moe_router.registry import get_backend  # noqa: E402
+from router_cases import router_cases  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
 E = 8
 
-STRATEGIES = {
-    "top_k": mr.RouterConfig(num_experts=E, k=2),
-    "top_k_sigmoid_groups": mr.RouterConfig(num_experts=E, k=2, score_func="sigmoid",
-                                            num_groups=4, topk_groups=2, route_scale=2.5),
-    "top_p": mr.RouterConfig(num_experts=E, strategy="top_p", top_p=0.5, max_experts=4),
-    "threshold": mr.RouterConfig(num_experts=E, strategy="threshold", threshold=0.6),
-    "null": mr.RouterConfig(num_experts=E, k=2, num_null_experts=3),
-    "relu": mr.RouterConfig(num_experts=E, strategy="relu", min_experts=0, max_experts=4),
-    "expert_choice": mr.RouterConfig(num_experts=E, strategy="expert_choice", max_experts=4),
-    "hash": mr.RouterConfig(num_experts=E, strategy="hash", k=2),
-    "complexity": mr.RouterConfig(num_experts=E, strategy="complexity", target_experts=2.0,
-                                  max_experts=4),
-    "capacity": mr.RouterConfig(num_experts=E, k=2, capacity_factor=0.75),
-    "capacity_prob": mr.RouterConfig(num_experts=E, k=2, capacity_factor=0.75,
-                                     drop_policy="probability"),
-}
+STRATEGIES = router_cases(E)
 
 
 @pytest.fixture
