@@ -86,13 +86,13 @@ def routing_table(kind: str, num_tokens: int, seed: int) -> Table:
         plan = route(logits, config, token_ids_T=token_ids)
         s = plan.summary()
         mean_k = s["mean_experts"]
-        table.add_row(name, f"{mean_k:.2f}", _histogram_text(s["k_histogram"]),
+        table.add_row(name, f"{mean_k:.2f}", histogram_text(s["k_histogram"]),
                       f"{s['max_load'] / max(s['mean_load'], 1e-9):.2f}", str(s["num_dropped"]),
                       f"{mean_k / STATIC_K:.2f}x", f"{mean_k / NUM_EXPERTS:.2f}x")
     return table
 
 
-def _histogram_text(counts: Sequence[int]) -> str:
+def histogram_text(counts: Sequence[int]) -> str:
     """``k=1:29% 2:67% 3:4%``: share of tokens per k, zero entries left out."""
     total = max(sum(counts), 1)
     parts = [f"{k}:{100 * c / total:.0f}%" for k, c in enumerate(counts) if c]

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from moe_router.complexity import init_router_state
 from moe_router.config import MoEConfig, RouterConfig
+from moe_router.demo import histogram_text
 from moe_router.weights import init_weights, reference_forward
 
 from .functional import STATEFUL_STRATEGIES, resolve_dispatch
@@ -71,9 +72,7 @@ def run_demo(console: Console, seed: int = 0) -> None:
                   if mc.router.strategy in STATEFUL_STRATEGIES else {})
         want, _ = reference_forward(x, layer.export_weights(), mc, **kwargs)
         s = plan.summary()
-        total = max(sum(s["k_histogram"]), 1)
-        hist = "k=" + " ".join(f"{k}:{100 * c / total:.0f}%"
-                               for k, c in enumerate(s["k_histogram"]) if c)
+        hist = histogram_text(s["k_histogram"])
         table.add_row(name, resolve_dispatch(mc, T), f"{s['mean_experts']:.2f}", hist,
                       f"{s['max_load'] / max(s['mean_load'], 1e-9):.2f}", str(s["num_dropped"]),
                       f"{s['mean_experts'] / STATIC_K:.2f}x",

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from moe_router.complexity import init_router_state
 from moe_router.config import MoEConfig
-from moe_router.demo import demo_configs
+from moe_router.demo import demo_configs, histogram_text
 from moe_router.weights import init_weights, reference_forward
 
 from .layers import MoE
@@ -33,11 +33,6 @@ def clustered_hidden(num_tokens: int = T, d_model: int = D, seed: int = 0) -> np
     centroids = rng.normal(size=(6, 8)) * 2.0
     hidden = (centroids[topic] + 0.5 * rng.normal(size=(num_tokens, 8))) @ basis
     return (hidden + 0.1 * rng.normal(size=(num_tokens, d_model))).astype(np.float32)
-
-
-def _histogram(counts: np.ndarray) -> str:
-    total = max(int(counts.sum()), 1)
-    return "k=" + " ".join(f"{k}:{100 * c / total:.0f}%" for k, c in enumerate(counts) if c)
 
 
 def run_demo(console: Console, num_tokens: int = T) -> None:
@@ -62,7 +57,7 @@ def run_demo(console: Console, num_tokens: int = T) -> None:
         s = layer.routing_stats()
         counts = s["expert_counts"].astype(np.float64)
         mean_k = s["mean_experts"]
-        table.add_row(name, f"{mean_k:.2f}", _histogram(s["k_histogram"]),
+        table.add_row(name, f"{mean_k:.2f}", histogram_text([int(c) for c in s["k_histogram"]]),
                       f"{counts.max() / max(counts.mean(), 1e-9):.2f}", str(s["num_dropped"]),
                       f"{mean_k / STATIC_K:.2f}x",
                       f"{np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-12):.1e}")

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from moe_router.complexity import init_router_state
 from moe_router.config import MoEConfig, RouterConfig
+from moe_router.demo import histogram_text
 from moe_router.weights import init_weights, reference_forward
 
 from .layers import MoE
@@ -67,10 +68,7 @@ def run_demo(console: Console, num_tokens: int = T) -> None:
             kwargs["state"] = init_router_state(router)
         ref, _ = reference_forward(x, weights, config, **kwargs)
         s = layer.last_plan.summary()
-        total = max(sum(s["k_histogram"]), 1)
-        hist = " ".join(f"{k}:{100 * c / total:.0f}%" for k, c in enumerate(s["k_histogram"])
-                        if c)
-        table.add_row(name, f"{s['mean_experts']:.2f}", "k=" + hist,
+        table.add_row(name, f"{s['mean_experts']:.2f}", histogram_text(s["k_histogram"]),
                       f"{s['max_load'] / max(s['mean_load'], 1e-9):.2f}", str(s["num_dropped"]),
                       f"{s['mean_experts'] / 2:.2f}x",
                       f"{np.abs(y - ref).max() / np.abs(ref).max():.1e}")
