@@ -42,7 +42,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def asarray(self, x: Any, dtype: DType | None = None, like: Array | None = None) -> Array:
-        """Convert ``x`` (array, list, NumPy array or scalar) to this framework, on ``like``'s device."""
+        """Convert ``x`` (array, list or scalar) to this framework, on ``like``'s device."""
 
     @abc.abstractmethod
     def to_numpy(self, x: Array) -> Any:
@@ -54,7 +54,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def dtype_kind(self, x: Array) -> str:
-        """NumPy-style kind of ``x``'s dtype: ``'f'`` float, ``'i'``/``'u'`` int, ``'b'`` bool, ``'c'``."""
+        """NumPy-style dtype kind: ``'f'`` float, ``'i'``/``'u'`` int, ``'b'`` bool, ``'c'``."""
 
     @abc.abstractmethod
     def shape(self, x: Array) -> tuple[int | None, ...]:
@@ -65,7 +65,7 @@ class Backend(abc.ABC):
         """Size of ``axis``: a Python int when static, else a scalar int array."""
 
     def is_tracing(self, x: Array) -> bool:
-        """True when ``x`` is a symbolic value (jit / tf.function / compile): no data checks then."""
+        """True when ``x`` is symbolic (jit / tf.function / compile): no data checks then."""
         return False
 
     # ----- creation ---------------------------------------------------------------------------

@@ -151,7 +151,8 @@ class RouterConfig:
             _check(_is_number(self.target_experts)
                    and self.min_experts <= self.target_experts <= self.max_slots,
                    "target_experts", self.target_experts,
-                   f"a number in [min_experts, max_experts] = [{self.min_experts}, {self.max_slots}]")
+                   f"a number in [min_experts, max_experts] = "
+                   f"[{self.min_experts}, {self.max_slots}]")
         _check(self.score_func in ("softmax", "sigmoid"), "score_func", self.score_func,
                "'softmax' or 'sigmoid'")
         _check(self.normalize_weights in (None, True, False), "normalize_weights",
@@ -280,7 +281,8 @@ class MoEConfig:
         d_model: D, width of the tokens.
         d_ff: F, hidden width of one expert.
         router: the :class:`RouterConfig`.
-        activation: ``swiglu`` / ``geglu`` (gated, three matrices) or ``gelu`` / ``relu`` / ``silu``.
+        activation: ``swiglu`` / ``geglu`` (gated, three matrices) or ``gelu`` / ``relu`` /
+            ``silu``.
         num_shared_experts: always-on experts; stored as one FFN of width ``shared_d_ff``.
         shared_d_ff: width of the shared FFN (``None`` = ``d_ff * num_shared_experts``).
         shared_expert_gate: scale the shared output by sigmoid(x @ w) (Qwen2-MoE).
@@ -376,7 +378,7 @@ class MoEConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> MoEConfig:
-        """Read JSON: fields at top level or under ``moe_config``; router under ``router_config``."""
+        """Read JSON: fields at top level or under ``moe_config``; router in ``router_config``."""
         data = _load_json(path)
         moe = _section(data, ("moe_config", "moe")) or data
         if _section(moe, ("router_config", "router")) is None:

@@ -1,4 +1,4 @@
-"""The plugin registry: backends, strategies and complexity estimators, loaded lazily through pluggy.
+"""The plugin registry: backends, strategies and complexity estimators, loaded lazily (pluggy).
 
 Lookup of a backend for an array follows einops: only frameworks already in ``sys.modules`` are
 considered (so routing a NumPy array never imports torch), the backend class is imported on first

@@ -40,7 +40,7 @@ def _sorted_probs(ctx: RoutingContext) -> tuple[Array, Array]:
 # ----- top-k family ----------------------------------------------------------------------------
 def _selection_scores(ctx: RoutingContext) -> Array:
     """Scores used to *choose* real experts: probs + balancing bias, group-limited (DeepSeek-V3)."""
-    b, c = ctx.backend, ctx.config
+    c = ctx.config
     scores_TE = ctx.probs[:, : c.num_experts]
     if ctx.expert_bias is not None:
         scores_TE = scores_TE + ctx.expert_bias[None, :]
