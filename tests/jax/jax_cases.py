@@ -5,25 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 import moe_router as mr
+from router_cases import router_cases
 
 E = 4
 D, F = 8, 16
 
 ROUTERS: dict[str, mr.RouterConfig] = {
-    "top_k": mr.RouterConfig(num_experts=E, k=2),
-    "top_k_sigmoid_groups": mr.RouterConfig(num_experts=E, k=2, score_func="sigmoid",
-                                            num_groups=2, topk_groups=1, route_scale=2.5),
-    "top_p": mr.RouterConfig(num_experts=E, strategy="top_p", top_p=0.5, max_experts=3),
-    "threshold": mr.RouterConfig(num_experts=E, strategy="threshold", threshold=0.6),
-    "null": mr.RouterConfig(num_experts=E, k=2, num_null_experts=2),
-    "relu": mr.RouterConfig(num_experts=E, strategy="relu", min_experts=0, max_experts=3),
-    "expert_choice": mr.RouterConfig(num_experts=E, strategy="expert_choice", max_experts=3),
-    "hash": mr.RouterConfig(num_experts=E, strategy="hash", k=2),
-    "complexity": mr.RouterConfig(num_experts=E, strategy="complexity", target_experts=2.0,
-                                  max_experts=3),
-    "capacity": mr.RouterConfig(num_experts=E, k=2, capacity_factor=0.75),
-    "capacity_prob": mr.RouterConfig(num_experts=E, k=2, capacity_factor=0.75,
-                                     drop_policy="probability"),
+    **router_cases(E, max_dynamic=3, num_groups=2, topk_groups=1, num_null=2),
     "expert_bias": mr.RouterConfig(num_experts=E, k=2, use_expert_bias=True),
 }
 
