@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from router_cases import router_cases
 
 import moe_router as mr
-from router_cases import router_cases
 
 E = 4
 D, F = 8, 16
