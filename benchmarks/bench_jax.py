@@ -49,8 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import moe_router as mr  # noqa: E402
-from backends.jax import dispatch as dp  # noqa: E402
-from backends.jax.functional import resolve_dispatch  # noqa: E402
+from moe_router_backends.jax import dispatch as dp  # noqa: E402
+from moe_router_backends.jax.functional import resolve_dispatch  # noqa: E402
 from moe_router.flax import apply, params_from_weights  # noqa: E402
 from moe_router.weights import init_weights  # noqa: E402
 

@@ -39,7 +39,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import moe_router as mr  # noqa: E402
-from backends.tensorflow.dispatch import ffn  # noqa: E402
+from moe_router_backends.tensorflow.dispatch import ffn  # noqa: E402
 from moe_router.keras import MoE  # noqa: E402
 from moe_router.weights import init_weights  # noqa: E402
 

@@ -44,7 +44,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backends.torch.kernels import choose  # noqa: E402
+from moe_router_backends.torch.kernels import choose  # noqa: E402
 from moe_router.torch import MoE  # noqa: E402
 
 D, FF, E, K = 512, 1024, 8, 2

@@ -5,8 +5,8 @@ Importing this module imports jax and flax (``import moe_router`` alone never do
 
 from __future__ import annotations
 
-from backends.jax.backend import JaxBackend
-from backends.jax.functional import apply, init_params, init_state, params_from_weights
-from backends.jax.layers import MoE
+from moe_router_backends.jax.backend import JaxBackend
+from moe_router_backends.jax.functional import apply, init_params, init_state, params_from_weights
+from moe_router_backends.jax.layers import MoE
 
 __all__ = ["JaxBackend", "MoE", "apply", "init_params", "init_state", "params_from_weights"]

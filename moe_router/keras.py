@@ -7,7 +7,7 @@ never imports it.
 
 from __future__ import annotations
 
-from backends.tensorflow.backend import TensorFlowBackend
-from backends.tensorflow.layers import DISPATCH_NAMES, ExpertBiasUpdate, MoE
+from moe_router_backends.tensorflow.backend import TensorFlowBackend
+from moe_router_backends.tensorflow.layers import DISPATCH_NAMES, ExpertBiasUpdate, MoE
 
 __all__ = ["DISPATCH_NAMES", "ExpertBiasUpdate", "MoE", "TensorFlowBackend"]

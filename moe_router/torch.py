@@ -5,15 +5,15 @@ Importing this module imports torch (``import moe_router`` alone never does).
 
 from __future__ import annotations
 
-from backends.torch.backend import TorchBackend
-from backends.torch.hf import (
+from moe_router_backends.torch.backend import TorchBackend
+from moe_router_backends.torch.hf import (
     from_hf_block,
     moe_layers,
     replace_moe_blocks,
     set_strategy,
     total_aux_loss,
 )
-from backends.torch.layers import MoE
+from moe_router_backends.torch.layers import MoE
 
 __all__ = ["MoE", "TorchBackend", "from_hf_block", "moe_layers", "replace_moe_blocks",
            "set_strategy", "total_aux_loss"]

@@ -458,6 +458,6 @@ def test_entry_points_register_the_framework_backends() -> None:
         registrar = Registrar()
         entry_points[name].load().moe_router_register_backends(registrar=registrar)
         spec = registrar.backends[name]
-        assert spec.framework == name and spec.target.startswith(f"backends.{name}.backend:")
+        assert spec.framework == name and spec.target.startswith(f"moe_router_backends.{name}.backend:")
     assert {"numpy", *FRAMEWORKS} <= set(Registry().backend_names())
     assert Registry(load_entry_points=False).backend_names() == ["numpy"]

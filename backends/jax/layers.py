@@ -2,7 +2,7 @@
 
 Parameters live in the portable layout of :mod:`moe_router.weights`; the submodule and attribute
 names make the ``nnx.state`` paths equal the portable names (``router/weight``,
-``experts/w_up``, ...). The forward pass is :func:`backends.jax.functional.apply`, so the layer and
+``experts/w_up``, ...). The forward pass is :func:`moe_router_backends.jax.functional.apply`, so the layer and
 the functional API compute the same thing. Nothing has Python side effects in traced code:
 
 - losses and statistics are returned with ``return_plan=True`` and, inside

@@ -8,4 +8,4 @@ from moe_router.registry import Registrar
 
 @hookimpl
 def moe_router_register_backends(registrar: Registrar) -> None:
-    registrar.backend("jax", "backends.jax.backend:JaxBackend", framework="jax")
+    registrar.backend("jax", "moe_router_backends.jax.backend:JaxBackend", framework="jax")

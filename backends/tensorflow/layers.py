@@ -97,7 +97,7 @@ class MoE(keras.layers.Layer):
         config: a :class:`~moe_router.MoEConfig` (or its dict form, as in ``get_config``).
             ``config.dispatch``: ``auto`` (``split`` eagerly and in ``tf.function``; under XLA
             ``capacity`` when the router has a ``capacity_factor``, else ``tiles``), ``split``,
-            ``capacity`` or ``tiles``; see :mod:`backends.tensorflow.dispatch`.
+            ``capacity`` or ``tiles``; see :mod:`moe_router_backends.tensorflow.dispatch`.
         seed: seed of the weight initializers and of the training-time router noise.
 
     Call arguments: ``training``; ``mask`` (Keras mask, ``x``'s leading shape; padding is left

@@ -8,5 +8,5 @@ from moe_router.registry import Registrar
 
 @hookimpl
 def moe_router_register_backends(registrar: Registrar) -> None:
-    registrar.backend("tensorflow", "backends.tensorflow.backend:TensorFlowBackend",
+    registrar.backend("tensorflow", "moe_router_backends.tensorflow.backend:TensorFlowBackend",
                       framework="tensorflow")

@@ -1,4 +1,4 @@
-"""Hugging Face drop-in: build a :class:`~backends.torch.layers.MoE` equal to a transformers v5
+"""Hugging Face drop-in: build a :class:`~moe_router_backends.torch.layers.MoE` equal to a transformers v5
 MoE block, swap blocks in a model, and switch a model's routing strategy in one call.
 
 Supported blocks (transformers 5.x) and their routing conventions:

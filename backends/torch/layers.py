@@ -3,7 +3,7 @@
 Parameters live in the portable layout of :mod:`moe_router.weights`, and the submodule names make
 ``state_dict()`` keys equal the portable names (``router.weight``, ``experts.w_up``, ...).
 Routing is the core's :func:`moe_router.route` in float32 (a short exact fast path is used for
-plain top-k at inference); expert compute is :mod:`backends.torch.kernels`.
+plain top-k at inference); expert compute is :mod:`moe_router_backends.torch.kernels`.
 """
 
 from __future__ import annotations

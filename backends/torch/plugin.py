@@ -8,4 +8,4 @@ from moe_router.registry import Registrar
 
 @hookimpl
 def moe_router_register_backends(registrar: Registrar) -> None:
-    registrar.backend("torch", "backends.torch.backend:TorchBackend", framework="torch")
+    registrar.backend("torch", "moe_router_backends.torch.backend:TorchBackend", framework="torch")

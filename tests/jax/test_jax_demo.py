@@ -15,7 +15,7 @@ pytestmark = pytest.mark.jax
 def test_flax_demo_table():
     from rich.console import Console
 
-    from backends.jax.demo import demo_configs, run_demo
+    from moe_router_backends.jax.demo import demo_configs, run_demo
 
     console = Console(record=True, width=220)
     run_demo(console)

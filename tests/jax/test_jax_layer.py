@@ -11,7 +11,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax_cases import ROUTERS, D, inputs, moe_config, token_ids  # noqa: E402
 
 import moe_router as mr  # noqa: E402
-from backends.jax.dispatch import METHODS, choose_method  # noqa: E402
+from moe_router_backends.jax.dispatch import METHODS, choose_method  # noqa: E402
 from moe_router.errors import ConfigError, InputError, InputTypeError  # noqa: E402
 from moe_router.flax import MoE, apply, params_from_weights  # noqa: E402
 from moe_router.weights import reference_forward, weight_shapes  # noqa: E402
@@ -303,7 +303,7 @@ def test_empty_batch_gives_empty_output():
 
 
 def test_plan_pytree_registration_is_idempotent():
-    from backends.jax.backend import register_plan_pytree
+    from moe_router_backends.jax.backend import register_plan_pytree
 
     register_plan_pytree()
     register_plan_pytree()

@@ -33,7 +33,7 @@ def test_keras_docs_example_trains_saves_and_loads(tmp_path, capsys) -> None:
 def test_demo_table_has_every_strategy_and_parity_with_numpy() -> None:
     from rich.console import Console
 
-    from backends.tensorflow.demo import run_demo
+    from moe_router_backends.tensorflow.demo import run_demo
     from moe_router.demo import demo_configs
 
     console = Console(record=True, width=200)

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import moe_router as mr  # noqa: E402
-from backends.torch.layers import MoE  # noqa: E402
+from moe_router_backends.torch.layers import MoE  # noqa: E402
 from moe_router.weights import init_weights, reference_forward  # noqa: E402
 
 pytestmark = pytest.mark.torch

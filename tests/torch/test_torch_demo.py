@@ -15,7 +15,7 @@ pytestmark = pytest.mark.torch
 def test_run_demo_prints_every_strategy_with_small_error():
     from rich.console import Console
 
-    from backends.torch.demo import demo_configs, run_demo
+    from moe_router_backends.torch.demo import demo_configs, run_demo
 
     buffer = io.StringIO()
     run_demo(Console(file=buffer, width=200), num_tokens=64)

@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import moe_router as mr  # noqa: E402
-from backends.torch.layers import MoE  # noqa: E402
+from moe_router_backends.torch.layers import MoE  # noqa: E402
 from moe_router.weights import init_weights, reference_forward, weight_shapes  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -144,7 +144,7 @@ def test_gradcheck_float64_router_and_experts():
 
 @pytest.mark.parametrize("impl", ["loop", "padded", "dense", "gather"])
 def test_gradcheck_float64_expert_kernels_exact(impl):
-    from backends.torch.kernels import experts_forward
+    from moe_router_backends.torch.kernels import experts_forward
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
@@ -283,7 +283,7 @@ def test_half_precision_keeps_router_state_float32():
 
 @pytest.mark.parametrize("name", ["null", "capacity", "relu"])
 def test_unused_slots_cost_no_compute(name, monkeypatch):
-    from backends.torch import kernels
+    from moe_router_backends.torch import kernels
 
     rows = []
     original = kernels._ffn_one
@@ -300,7 +300,7 @@ def test_unused_slots_cost_no_compute(name, monkeypatch):
 
 
 def test_auto_dispatch_choice():
-    from backends.torch.kernels import choose
+    from moe_router_backends.torch.kernels import choose
 
     w = torch.zeros(8, 4, 4)
     assert choose("auto", torch.zeros(1, 4), w, 2, 8) == "gather"

@@ -1,0 +1,1 @@
+"""The MoE layer step, written once against the Backend interface."""
