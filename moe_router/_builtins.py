@@ -1,12 +1,18 @@
-"""The core's own plugin: the NumPy backend, built-in strategies and estimators."""
+"""The core's own plugin: the NumPy backend, built-in strategies, estimators, portable kernels
+and observers, registered exactly the way a third-party plugin registers its own."""
 
 from __future__ import annotations
 
-from .hookspecs import hookimpl
-from .registry import Registrar
+from typing import TYPE_CHECKING
 
-_STRATEGIES = ("top_k", "top_p", "threshold", "relu", "expert_choice", "hash", "complexity")
-_ESTIMATORS = ("router_entropy", "hidden_norm", "attention_entropy", "external")
+from .hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from .registrar import Registrar
+
+_STRATEGIES = "moe_router.routing.strategies"
+_ESTIMATORS = "moe_router.complexity"
+_EXPERTS = "moe_router.layer.experts"
 
 
 @hookimpl
@@ -16,11 +22,39 @@ def moe_router_register_backends(registrar: Registrar) -> None:
 
 @hookimpl
 def moe_router_register_strategies(registrar: Registrar) -> None:
-    for name in _STRATEGIES:
-        registrar.strategy(name, f"moe_router.routing.strategies:{name}")
+    def strategy(name: str, **metadata: object) -> None:
+        registrar.strategy(name, f"{_STRATEGIES}:{name}", **metadata)
+
+    strategy("top_k", reads_k=True, dynamic=False, null_experts=True)
+    strategy("hash", reads_k=True, dynamic=False, inputs=("token_ids",))
+    strategy("expert_choice", reads_k=True, dynamic=True, causal_safe=False, own_capacity=True)
+    strategy("top_p", stateful=True)
+    strategy("threshold")
+    strategy("relu")
+    strategy("complexity", stateful=True)
 
 
 @hookimpl
 def moe_router_register_estimators(registrar: Registrar) -> None:
-    for name in _ESTIMATORS:
-        registrar.estimator(name, f"moe_router.complexity:{name}")
+    registrar.estimator("router_entropy", f"{_ESTIMATORS}:router_entropy")
+    registrar.estimator("hidden_norm", f"{_ESTIMATORS}:hidden_norm", inputs=("hidden",))
+    registrar.estimator("attention_entropy", f"{_ESTIMATORS}:attention_entropy",
+                        inputs=("attention_probs",))
+    registrar.estimator("external", f"{_ESTIMATORS}:external", inputs=("complexity_scores",))
+
+
+@hookimpl
+def moe_router_register_kernels(registrar: Registrar) -> None:
+    registrar.kernel("sorted", f"{_EXPERTS}:sorted_padded", static_shapes=False,
+                     description="rows sorted by expert, each expert's rows padded (dropless)")
+    registrar.kernel("capacity", f"{_EXPERTS}:capacity",
+                     description="a static (E, C, D) buffer; needs capacity_factor")
+    registrar.kernel("dense", f"{_EXPERTS}:dense", kind="tokens",
+                     description="every expert on every token, weighted (reference)")
+    registrar.kernel("gather", f"{_EXPERTS}:gather", kind="tokens",
+                     description="each slot gathers its expert's weights (decode, T*K < E)")
+
+
+@hookimpl
+def moe_router_register_observers(registrar: Registrar) -> None:
+    registrar.observer("expert_load", "moe_router.layer.observers:ExpertLoad")

@@ -12,7 +12,8 @@ from .backend import Array, Backend
 from .config import RouterConfig
 from .dispatch import apply_capacity
 from .errors import InputError, InputTypeError
-from .losses import entropy_from_logits, load_balancing_from_probs, z_loss_from_logits
+from .layer.experts import slots_per_expert
+from .losses import entropy_from_probs, load_balancing_from_probs, z_loss_from_lse
 from .plan import RouterLosses, RouterState, RoutingPlan, RoutingStats
 from .registry import backend_for, default_registry, get_backend
 from .routing.context import RoutingContext
@@ -23,7 +24,8 @@ def route(router_logits_TE: Array, config: RouterConfig, *, hidden_TD: Array | N
           complexity_scores_T: Array | None = None, expert_bias_E: Array | None = None,
           mask_T: Array | None = None, training: bool = False,
           state: RouterState | None = None, rng: Any = None,
-          backend: str | Backend | None = None) -> RoutingPlan:
+          backend: str | Backend | None = None, update_state: bool | None = None,
+          validate: bool = True) -> RoutingPlan:
     """Route T tokens to experts.
 
     Args:
@@ -42,19 +44,21 @@ def route(router_logits_TE: Array, config: RouterConfig, *, hidden_TD: Array | N
             ``plan.state``.
         rng: seed / generator / PRNG key for training noise.
         backend: force a backend by name or instance (default: from the logits' type).
+        update_state: update the controller state (default: ``training``); ``True`` without
+            ``training`` calibrates without noise (:func:`moe_router.layer.calibrate`).
+        validate: check the inputs' data (NaN/Inf, per ``config.nan_policy``); the layer step
+            passes ``False`` because it has already checked them, naming the user's ``x``.
     """
     b = get_backend(backend) if backend is not None else backend_for(router_logits_TE)
-    logits_TE = _validate_logits(b, router_logits_TE, config)
+    logits_TE = _validate_logits(b, router_logits_TE, config, validate)
     T = b.dim(logits_TE, 0)
     _validate_optional(b, config, T, hidden_TD=hidden_TD, token_ids_T=token_ids_T,
                        complexity_scores_T=complexity_scores_T, expert_bias_E=expert_bias_E,
                        mask_T=mask_T, attention_probs=attention_probs)
     if training and config.noise != "none" and config.noise_std > 0:
         logits_TE = _add_noise(b, logits_TE, config, rng)
-    if config.score_func == "sigmoid":
-        probs_TE = b.sigmoid(logits_TE)
-    else:
-        probs_TE = b.softmax(logits_TE, axis=-1)
+    softmax_TE = b.softmax(logits_TE, axis=-1)  # once: scores (softmax) and losses
+    probs_TE = b.sigmoid(logits_TE) if config.score_func == "sigmoid" else softmax_TE
     if expert_bias_E is not None:
         expert_bias_E = b.cast(expert_bias_E, "float32")
     ctx = RoutingContext(
@@ -62,17 +66,19 @@ def route(router_logits_TE: Array, config: RouterConfig, *, hidden_TD: Array | N
         token_ids=token_ids_T, attention_probs=attention_probs,
         complexity_scores=None if complexity_scores_T is None else b.cast(complexity_scores_T,
                                                                           "float32"),
-        expert_bias=expert_bias_E, training=training, state=state)
+        expert_bias=expert_bias_E, training=training if update_state is None else update_state,
+        state=state)
     selection = default_registry().strategy(config.strategy)(ctx)
     indices_TK, weights_TK = selection.indices, b.cast(selection.weights, "float32")
     if config.route_scale != 1.0:
         weights_TK = weights_TK * float(config.route_scale)
-    capacity = None if config.strategy == "expert_choice" else _capacity(b, config, T, logits_TE)
+    capacity = (None if config.strategy_spec.own_capacity
+                else slots_per_expert(b, config, T, logits_TE))
     indices_TK, weights_TK, num_dropped = apply_capacity(
         b, indices_TK, weights_TK, capacity, config.num_experts, config.drop_policy)
     num_per_token_T = b.sum(indices_TK >= 0, axis=-1)
     expert_counts_E = b.bincount(indices_TK, config.num_experts)
-    losses = _losses(b, logits_TE, indices_TK, config, mask_T)
+    losses = _losses(b, logits_TE, softmax_TE, indices_TK, config, mask_T)
     stats = _stats(b, num_per_token_T, expert_counts_E, losses.entropy, config, mask_T,
                    logits_TE)
     return RoutingPlan(expert_indices=indices_TK, expert_weights=weights_TK,
@@ -82,7 +88,7 @@ def route(router_logits_TE: Array, config: RouterConfig, *, hidden_TD: Array | N
 
 
 # ----- validation ----------------------------------------------------------------------------
-def _validate_logits(b: Backend, logits: Array, config: RouterConfig) -> Array:
+def _validate_logits(b: Backend, logits: Array, config: RouterConfig, validate: bool) -> Array:
     shape = b.shape(logits)
     if len(shape) != 2:
         raise InputError("router_logits_TE", f"expected rank 2 (T, E), got shape {shape}; "
@@ -94,10 +100,27 @@ def _validate_logits(b: Backend, logits: Array, config: RouterConfig) -> Array:
         raise InputTypeError("router_logits_TE", f"expected a floating dtype (float16/bfloat16/"
                              f"float32/float64), got kind {b.dtype_kind(logits)!r}")
     logits = b.cast(logits, "float32")
-    if config.nan_policy == "raise" and not b.is_tracing(logits) and not b.all_finite(logits):
-        raise InputError("router_logits_TE", "contains NaN or Inf (nan_policy='raise'; set "
-                         "nan_policy='ignore' to route them anyway)")
+    if validate:
+        check_finite(b, logits, config, "router_logits_TE", "contains")
     return logits
+
+
+def check_finite(b: Backend, x: Array, config: RouterConfig, argument: str, what: str) -> None:
+    """Raise :class:`InputError` naming ``argument`` if ``x`` has NaN/Inf, per ``nan_policy``.
+
+    ``raise`` checks eager arrays in host memory only: on an accelerator the check would force a
+    device-to-host sync in every layer of every forward (stalling decoding), so it is skipped
+    there; ``raise_always`` checks on every device (one sync per call: a debugging mode);
+    ``ignore`` never checks. Traced code (jit, tf.function, compile) is never checked.
+    """
+    policy = config.nan_policy
+    if policy == "ignore" or b.is_tracing(x):
+        return
+    if policy == "raise" and not b.is_host(x):
+        return
+    if not b.all_finite(x):
+        raise InputError(argument, f"{what} NaN or Inf (nan_policy={policy!r}; set "
+                         "RouterConfig(nan_policy='ignore') to route them anyway)")
 
 
 def _check_vector(b: Backend, name: str, x: Array, T: Any, kinds: str, what: str) -> None:
@@ -144,23 +167,13 @@ def _add_noise(b: Backend, logits_TE: Array, config: RouterConfig, rng: Any) -> 
     return logits_TE * (1.0 + std * (2.0 * uniform - 1.0))  # "jitter"
 
 
-def _capacity(b: Backend, config: RouterConfig, T: Any, like: Array) -> Any:
-    if config.capacity_factor is None:
-        return None
-    if isinstance(T, int):
-        return config.capacity(T)
-    T_f = b.cast(b.asarray(T, like=like), "float32")
-    slots = b.ceil(T_f * (config.capacity_factor * config.nominal_experts / config.num_experts))
-    return b.cast(b.maximum(slots, 1.0), "int")
-
-
-def _losses(b: Backend, logits_TE: Array, indices_TK: Array, config: RouterConfig,
-            mask_T: Array | None) -> RouterLosses:
-    probs_TE = b.softmax(logits_TE, axis=-1)[:, : config.num_experts]
-    balance = load_balancing_from_probs(b, probs_TE, indices_TK, config.num_experts,
-                                        config.balance_convention, mask_T)
-    z_loss = z_loss_from_logits(b, logits_TE, mask_T)
-    entropy = entropy_from_logits(b, logits_TE, mask_T)
+def _losses(b: Backend, logits_TE: Array, softmax_TE: Array, indices_TK: Array,
+            config: RouterConfig, mask_T: Array | None) -> RouterLosses:
+    balance = load_balancing_from_probs(b, softmax_TE[:, : config.num_experts], indices_TK,
+                                        config.num_experts, config.balance_convention, mask_T)
+    lse_T = b.logsumexp(logits_TE, axis=-1)  # once: z-loss and the log-probabilities
+    z_loss = z_loss_from_lse(b, lse_T, mask_T, logits_TE)
+    entropy = entropy_from_probs(b, softmax_TE, logits_TE - lse_T[:, None], mask_T)
     total = (config.aux_loss_coef * balance + config.z_loss_coef * z_loss
              + config.entropy_loss_coef * entropy)
     return RouterLosses(load_balancing=balance, z_loss=z_loss, entropy=entropy, total=total)

@@ -7,14 +7,21 @@ only implements these methods. Python operators (``+ - * / < <= == & | ~``), bas
 framework provides them. Mixed dtypes are never relied on: code casts explicitly with
 :meth:`Backend.cast` (TensorFlow refuses ``int32 + float32``).
 
-Dtype names used across the interface: ``"float32"``, ``"int"`` (the backend's index dtype:
-int64 for NumPy and PyTorch, int32 for JAX and TensorFlow) and ``"bool"``.
+Dtype names accepted by :meth:`Backend.asarray`, :meth:`Backend.cast` and :meth:`Backend.full`:
+``"float32"``, ``"int"`` (the backend's index dtype: int64 for NumPy and PyTorch, int32 for JAX
+and TensorFlow), ``"int32"`` (int32 on every backend, e.g. for a portable int32 counter) and
+``"bool"``. :meth:`Backend.cast_like` converts to another array's dtype whatever it is.
 
-Contract that the conformance suite checks on every backend:
-- :meth:`argsort_desc` and :meth:`top_k` are *stable*: equal values keep ascending index order
-  (ties go to the lower expert index).
+Contract that the conformance suite checks on every backend against NumPy:
+- :meth:`argsort`, :meth:`argsort_desc` and :meth:`top_k` are *stable*: equal values keep
+  ascending index order (ties go to the lower expert index); they sort ints and floats.
+- :meth:`invert_permutation` is exact for any length (integer ops, no float round trip).
 - :meth:`one_hot` of ``-1`` is an all-zero row, and :meth:`bincount` ignores ``-1``.
-- Nothing here may have Python side effects on traced values (jit / tf.function / compile).
+- :meth:`gelu` is the exact (erf) GELU, like ``torch.nn.functional.gelu`` and
+  ``jax.nn.gelu(approximate=False)``.
+- Everything except the eager-only helpers (:meth:`to_numpy`, :meth:`all_finite`,
+  :meth:`is_host`) is traceable: ``torch.compile(fullgraph=True)``, ``jax.jit``,
+  ``tf.function`` and XLA; nothing has Python side effects on traced values.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import abc
 from typing import Any
 
 Array = Any  # a framework array: numpy.ndarray, torch.Tensor, jax.Array, tf.Tensor
-DType = str  # "float32" | "int" | "bool"
+DType = str  # "float32" | "int" | "int32" | "bool"
 
 
 class Backend(abc.ABC):
@@ -53,6 +60,14 @@ class Backend(abc.ABC):
         """``x`` converted to ``dtype``."""
 
     @abc.abstractmethod
+    def cast_like(self, x: Array, like: Array) -> Array:
+        """``x`` in ``like``'s dtype; ``x`` itself (no copy) when the dtypes are already equal."""
+
+    @abc.abstractmethod
+    def is_host(self, x: Array) -> bool:
+        """Eager only: True when ``x`` lives in host (CPU) memory."""
+
+    @abc.abstractmethod
     def dtype_kind(self, x: Array) -> str:
         """NumPy-style dtype kind: ``'f'`` float, ``'i'``/``'u'`` int, ``'b'`` bool, ``'c'``."""
 
@@ -80,9 +95,6 @@ class Backend(abc.ABC):
 
     # ----- elementwise and reductions ---------------------------------------------------------
     @abc.abstractmethod
-    def exp(self, x: Array) -> Array: ...
-
-    @abc.abstractmethod
     def log(self, x: Array) -> Array: ...
 
     @abc.abstractmethod
@@ -96,6 +108,22 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def logsumexp(self, x: Array, axis: int = -1) -> Array: ...
+
+    @abc.abstractmethod
+    def relu(self, x: Array) -> Array:
+        """``max(x, 0)`` in ``x``'s dtype."""
+
+    @abc.abstractmethod
+    def silu(self, x: Array) -> Array:
+        """``x * sigmoid(x)`` (swish)."""
+
+    @abc.abstractmethod
+    def gelu(self, x: Array) -> Array:
+        """Exact GELU ``x * Phi(x) = x/2 * (1 + erf(x / sqrt 2))`` (not the tanh approximation)."""
+
+    @abc.abstractmethod
+    def stop_gradient(self, x: Array) -> Array:
+        """``x`` as a constant for autodiff (its gradient is zero); identity without autodiff."""
 
     @abc.abstractmethod
     def where(self, cond: Array, a: Array, b: Array) -> Array:
@@ -132,8 +160,18 @@ class Backend(abc.ABC):
 
     # ----- selection ------------------------------------------------------------------------
     @abc.abstractmethod
+    def argsort(self, x: Array, axis: int = -1) -> Array:
+        """Indices (index dtype) that sort ``x`` ascending along ``axis``; stable (ties: lower
+        index first); ``x`` int or float."""
+
+    @abc.abstractmethod
     def argsort_desc(self, x: Array, axis: int = -1) -> Array:
         """Indices that sort ``x`` descending along ``axis``; stable (ties: lower index first)."""
+
+    def invert_permutation(self, perm_S: Array) -> Array:
+        """The inverse of a 1-D permutation: ``out[perm[i]] = i`` (index dtype), exact for any
+        length. The default sorts the permutation; backends override it with a scatter."""
+        return self.argsort(perm_S, axis=-1)
 
     def top_k(self, x: Array, k: int) -> tuple[Array, Array]:
         """The ``k`` largest along the last axis, descending, ties to the lower index."""

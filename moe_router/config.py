@@ -9,33 +9,28 @@ field, the value and what is allowed. Semantics of every routing field: ``ROUTIN
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, UnknownNameError, closest
+from .registrar import StrategySpec
+from .registry import default_registry
 
-BUILTIN_STRATEGIES = (
-    "top_k",
-    "top_p",
-    "threshold",
-    "relu",
-    "expert_choice",
-    "hash",
-    "complexity",
-)
-K_STRATEGIES = ("top_k", "hash", "expert_choice")  # strategies that read ``k``
-DYNAMIC_STRATEGIES = ("top_p", "threshold", "relu", "expert_choice", "complexity")
-BUILTIN_ESTIMATORS = ("router_entropy", "hidden_norm", "attention_entropy", "external")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
+#: ``MoEConfig.dispatch`` value that lets the backend's dispatch policy choose (no kernel).
+AUTO_DISPATCH = "auto"
+NAN_POLICIES = ("raise", "raise_always", "ignore")
 
 ScoreFunc = Literal["softmax", "sigmoid"]
 DropPolicy = Literal["position", "probability"]
 NoiseType = Literal["none", "normal", "gumbel", "jitter"]
-NanPolicy = Literal["raise", "ignore"]
+NanPolicy = Literal["raise", "raise_always", "ignore"]
 LossConvention = Literal["switch", "hf"]
 
 
@@ -52,21 +47,37 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _installed(framework: str) -> bool:
+    """Whether ``framework`` can be imported (without importing it)."""
+    if framework in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(framework) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RouterConfig:
     """How tokens choose experts. Every field is documented in ``docs/routing.md``.
 
     Attributes:
         num_experts: E, the number of real experts (null experts excluded).
-        strategy: one of ``top_k, top_p, threshold, relu, expert_choice, hash, complexity`` or a
-            strategy registered through the ``moe_router_strategies`` hook.
-        k: experts per token for ``top_k`` and ``hash``.
+        strategy: a registered strategy: built in ``top_k, top_p, threshold, relu,
+            expert_choice, hash, complexity``, or one a plugin registers through the
+            ``moe_router_register_strategies`` hook. Checked when the config is built (an unknown
+            name is an :class:`~moe_router.UnknownNameError` suggesting the closest name); its
+            :class:`~moe_router.registrar.StrategySpec` metadata drives the checks below.
+        k: experts per token of the strategies that read it (``top_k``, ``hash``,
+            ``expert_choice``).
         top_p: cumulative probability for ``top_p`` (0 < p <= 1).
         threshold: cumulative probability bound for ``threshold`` (0 < t <= 1).
         min_experts / max_experts: clamp of dynamic strategies; ``max_experts`` (K) is also the
-            static width of the routing plan. ``None`` means ``k`` for fixed strategies and
-            ``num_experts`` for dynamic ones.
+            static width of the routing plan. ``None`` means ``min(k, num_experts)`` for fixed-k
+            strategies (``top_k``, ``hash``) and ``num_experts`` for the others.
         target_experts: desired mean experts/token for ``complexity`` and the top-p controller.
+            ``None`` (the default) means ``(min_experts + max_experts) / 2`` for complexity
+            routing, and no controller for ``top_p`` (the fixed ``top_p`` is used as is).
         score_func: ``softmax`` or ``sigmoid`` scores.
         normalize_weights: renormalize the selected weights; ``None`` = the strategy's default.
         capacity_factor: ``None`` = dropless; else C = ceil(cf * T * k_nominal / E) slots/expert.
@@ -77,16 +88,22 @@ class RouterConfig:
         bias_update_rate: u in ``b += u * sign(mean_load - load)``.
         num_groups / topk_groups: DeepSeek-V3 group-limited routing.
         route_scale: multiplier applied to the final weights (DeepSeek ``routed_scaling_factor``).
-        complexity_estimator: estimator for ``complexity`` (``router_entropy`` by default).
+        complexity_estimator: a registered estimator for ``complexity``: built in
+            ``router_entropy`` (default), ``hidden_norm``, ``attention_entropy``, ``external``,
+            or a plugin's (checked when the config is built).
         complexity_spread: width w of the k ramp around ``target_experts`` (``None`` = widest
             symmetric ramp that fits in [min_experts, max_experts]).
         noise / noise_std: router noise, applied only when routing with ``training=True``.
         aux_loss_coef / z_loss_coef / entropy_loss_coef: loss weights in ``plan.losses.total``.
         balance_convention: ``switch`` (1.0 at balance) or ``hf`` (transformers' Mixtral).
-        causal: the model is autoregressive; strategies that look across tokens are refused.
+        causal: the model is autoregressive; strategies (and estimators) registered with
+            ``causal_safe=False``, which look across the tokens of the batch, are refused.
         controller_rate: step size of the top-p / complexity controllers (training only).
         hash_seed / hash_buckets: the fixed random table of ``hash`` routing.
-        nan_policy: ``raise`` on NaN/Inf logits (eager only), or ``ignore``.
+        nan_policy: what to do with NaN/Inf router logits: ``raise`` (default) checks them
+            eagerly only when the logits are in host memory (CPU), so no device-to-host sync is
+            added on accelerators; ``raise_always`` checks eagerly on every device (one sync per
+            call: for debugging); ``ignore`` never checks. Traced calls are never checked.
         balanced_debug: route tokens round-robin (ignore the logits) to debug balance issues.
     """
 
@@ -126,13 +143,15 @@ class RouterConfig:
     def __post_init__(self) -> None:  # noqa: C901 - one flat list of checks reads best
         E = self.num_experts
         _check(_is_int(E) and E >= 1, "num_experts", E, "an int >= 1")
+        registry = default_registry()
         _check(isinstance(self.strategy, str) and bool(self.strategy), "strategy", self.strategy,
-               f"a registered strategy name (built in: {', '.join(BUILTIN_STRATEGIES)})")
+               f"a registered strategy; known: {', '.join(registry.strategy_names())}")
+        spec = self.strategy_spec  # UnknownNameError (a ConfigError) for an unknown name
         _check(_is_int(self.num_null_experts) and self.num_null_experts >= 0, "num_null_experts",
                self.num_null_experts, "an int >= 0")
         # k only matters to strategies that read it (the default k=2 must not stop, say,
         # RouterConfig(num_experts=1, strategy="top_p"))
-        k_limit = self.num_choices if self.strategy in K_STRATEGIES else None
+        k_limit = self.num_choices if spec.reads_k else None
         _check(_is_int(self.k) and 1 <= self.k <= (k_limit or self.k), "k", self.k,
                f"an int in [1, num_experts + num_null_experts] = [1, {self.num_choices}]"
                if k_limit else "an int >= 1")
@@ -163,8 +182,12 @@ class RouterConfig:
         _check(self.drop_policy in ("position", "probability"), "drop_policy", self.drop_policy,
                "'position' or 'probability'")
         if self.num_null_experts:
-            _check(self.strategy == "top_k", "num_null_experts", self.num_null_experts,
-                   "0 unless strategy='top_k' (null experts are a top-k variant)")
+            supporting = [name for name in registry.strategy_names()
+                          if registry.strategy_spec(name).null_experts]
+            _check(spec.null_experts, "num_null_experts", self.num_null_experts,
+                   f"0 unless the strategy supports null experts "
+                   f"({', '.join(supporting) or 'none registered'}; strategy={self.strategy!r} "
+                   f"does not)")
         _check(_is_number(self.bias_update_rate) and self.bias_update_rate >= 0,
                "bias_update_rate", self.bias_update_rate, "a number >= 0")
         self._check_groups()
@@ -172,7 +195,9 @@ class RouterConfig:
                self.route_scale, "a number > 0")
         _check(isinstance(self.complexity_estimator, str) and bool(self.complexity_estimator),
                "complexity_estimator", self.complexity_estimator,
-               f"a registered estimator name (built in: {', '.join(BUILTIN_ESTIMATORS)})")
+               f"a registered complexity_estimator; known: "
+               f"{', '.join(registry.estimator_names())}")
+        estimator = registry.estimator_spec(self.complexity_estimator)
         if self.complexity_spread is not None:
             _check(_is_number(self.complexity_spread) and self.complexity_spread > 0,
                    "complexity_spread", self.complexity_spread, "a number > 0 or None")
@@ -188,14 +213,17 @@ class RouterConfig:
         for name in ("use_expert_bias", "causal", "balanced_debug"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
         if self.causal:
-            _check(self.strategy != "expert_choice", "strategy", self.strategy,
-                   "a token-choice strategy when causal=True (expert_choice looks at future "
-                   "tokens of the batch)")
+            _check(spec.causal_safe, "strategy", self.strategy,
+                   f"a causal-safe strategy when causal=True ({self.strategy} looks at other, "
+                   f"future tokens of the batch)")
+            _check(estimator.causal_safe, "complexity_estimator", self.complexity_estimator,
+                   f"a causal-safe estimator when causal=True ({self.complexity_estimator} "
+                   f"looks at other tokens of the batch)")
         _check(_is_int(self.hash_seed), "hash_seed", self.hash_seed, "an int")
         _check(_is_int(self.hash_buckets) and self.hash_buckets >= 1, "hash_buckets",
                self.hash_buckets, "an int >= 1")
-        _check(self.nan_policy in ("raise", "ignore"), "nan_policy", self.nan_policy,
-               "'raise' or 'ignore'")
+        _check(self.nan_policy in NAN_POLICIES, "nan_policy", self.nan_policy,
+               "'raise', 'raise_always' or 'ignore'")
 
     def _check_groups(self) -> None:
         if self.num_groups is None:
@@ -215,6 +243,15 @@ class RouterConfig:
 
     # ----- derived, static quantities -------------------------------------------------------
     @property
+    def strategy_spec(self) -> StrategySpec:
+        """The registered metadata of ``strategy`` (:class:`~moe_router.registrar.StrategySpec`).
+
+        Raises:
+            UnknownNameError: the strategy is not registered (a :class:`ConfigError`).
+        """
+        return default_registry().strategy_spec(self.strategy)
+
+    @property
     def num_choices(self) -> int:
         """Router outputs: real experts plus null experts (E + N)."""
         return self.num_experts + self.num_null_experts
@@ -222,21 +259,22 @@ class RouterConfig:
     @property
     def is_dynamic(self) -> bool:
         """True when the number of experts per token varies by token."""
-        return self.strategy in DYNAMIC_STRATEGIES or self.num_null_experts > 0
+        return self.strategy_spec.dynamic or self.num_null_experts > 0
 
     @property
     def max_slots(self) -> int:
         """K, the static width of ``expert_indices`` (max experts per token)."""
         if self.max_experts is not None:
             return self.max_experts
-        if self.strategy in ("top_k", "hash"):
+        if self.strategy_spec.fixed_k:
             return min(self.k, self.num_experts)
         return self.num_experts
 
     @property
     def nominal_experts(self) -> float:
-        """Experts/token used to size capacity: k, else target_experts, else max_experts."""
-        if self.strategy in ("top_k", "hash"):
+        """Experts/token used to size capacity: k for fixed-k strategies, else target_experts,
+        else max_experts."""
+        if self.strategy_spec.fixed_k:
             return float(min(self.k, self.num_experts))
         if self.target_experts is not None:
             return float(self.target_experts)
@@ -288,8 +326,15 @@ class MoEConfig:
         shared_expert_gate: scale the shared output by sigmoid(x @ w) (Qwen2-MoE).
         router_bias: give the router linear layer a bias.
         init_std: std of the normal initialisation of all weights.
-        dispatch: expert-compute implementation; ``auto`` lets the backend pick the fastest exact
-            one. Backends document their names (e.g. ``grouped_mm``, ``loop``, ``capacity``).
+        dispatch: expert-compute kernel. ``auto`` (default) lets the framework's dispatch
+            policy pick the fastest exact one; a portable kernel runs on every framework
+            (built in: ``sorted``, ``capacity``, ``dense``, ``gather``); a framework's own kernel
+            is qualified ``"<framework>:<name>"`` (``"torch:grouped_mm"``, ``"jax:tiles"``,
+            ``"tensorflow:split"``, ...) and is accepted only when that framework is installed.
+            ``capacity`` needs ``router.capacity_factor`` (or a strategy that sizes its own
+            capacity, such as ``expert_choice``).
+        observers: names of registered observers to run on every routing plan (opt in; built
+            in: ``expert_load``). A list is stored as a tuple, so the config stays hashable.
     """
 
     d_model: int
@@ -301,7 +346,8 @@ class MoEConfig:
     shared_expert_gate: bool = False
     router_bias: bool = False
     init_std: float = 0.02
-    dispatch: str = "auto"
+    dispatch: str = AUTO_DISPATCH
+    observers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(_is_int(self.d_model) and self.d_model >= 1, "d_model", self.d_model, "an int >= 1")
@@ -320,8 +366,56 @@ class MoEConfig:
                self.shared_expert_gate, "False when there is no shared expert")
         _check(_is_number(self.init_std) and self.init_std > 0, "init_std", self.init_std,
                "a number > 0")
-        _check(isinstance(self.dispatch, str) and bool(self.dispatch), "dispatch", self.dispatch,
-               "an implementation name ('auto' picks one)")
+        self._check_dispatch()
+        self._check_observers()
+
+    def _check_dispatch(self) -> None:
+        registry = default_registry()
+        portable = [AUTO_DISPATCH, *(name for name in registry.kernel_names()
+                                     if registry.kernel_spec(name).framework is None)]
+        qualified = [name for name in registry.kernel_names() if name not in portable]
+        allowed = (f"a registered kernel: 'auto', a portable one ({', '.join(portable)}) or a "
+                   f"'<framework>:<kernel>' one of an installed framework "
+                   f"({', '.join(qualified) or 'none registered'})")
+        name = self.dispatch
+        _check(isinstance(name, str) and bool(name), "dispatch", name, allowed)
+        if name == AUTO_DISPATCH:
+            return
+        if name not in portable and name not in qualified:
+            same_short = [q for q in qualified if q.rpartition(":")[2] == name]
+            raise UnknownNameError(
+                "kernel", name, [*portable, *qualified], field="dispatch",
+                expected="a registered kernel: 'auto', a portable one or "
+                         "'<framework>:<kernel>' of an installed framework",
+                suggestions=same_short or None)
+        framework = registry.kernel_spec(name).framework
+        if framework is not None:
+            _check(_installed(framework), "dispatch", name,
+                   f"a kernel of an installed framework ({name!r} needs {framework!r}, which is "
+                   f"not installed); portable: {', '.join(portable)}")
+        if name == "capacity":
+            _check(self.router.capacity_factor is not None or self.router.strategy_spec
+                   .own_capacity, "dispatch", name,
+                   f"a dropless kernel when router.capacity_factor is None ('capacity' needs a "
+                   f"capacity; strategy={self.router.strategy!r} sizes none itself)")
+
+    def _check_observers(self) -> None:
+        observers = self.observers
+        if isinstance(observers, list):
+            observers = tuple(observers)
+            object.__setattr__(self, "observers", observers)
+        registry = default_registry()
+        known = registry.observer_names()
+        what = f"a tuple of registered observer names (known: {', '.join(known) or 'none'})"
+        _check(isinstance(observers, tuple) and all(isinstance(o, str) for o in observers),
+               "observers", observers, what)
+        for name in observers:
+            if name not in known:
+                hint = closest(name, known)
+                raise ConfigError("observers", observers, f"{what}; {name!r} is not registered"
+                                  + (f" (did you mean {hint!r}?)" if hint else ""))
+        _check(len(set(observers)) == len(observers), "observers", observers,
+               f"{what}, each named once")
 
     @property
     def num_experts(self) -> int:
@@ -431,8 +525,7 @@ def _from_env_values(cls: Any, values: dict[str, Any], environ: Mapping[str, str
         if not names:
             raise
         how = "from" if err.field in values else "set"
-        raise ConfigError(f"{err.field} ({how} ${' or $'.join(sorted(names))})", err.value,
-                          err.allowed) from None
+        raise err.with_field(f"{err.field} ({how} ${' or $'.join(sorted(names))})") from None
 
 
 def _parse_env(env: str, field: str, type_name: str, raw: str) -> Any:
@@ -448,6 +541,8 @@ def _parse_env(env: str, field: str, type_name: str, raw: str) -> Any:
             return int(text)
         if type_name.startswith("float"):
             return float(text)
+        if type_name.startswith("tuple"):  # comma-separated names
+            return tuple(item.strip() for item in text.split(",") if item.strip())
     except ValueError:
         raise ConfigError(f"{field} (from ${env})", raw, f"a value of type {type_name}") from None
     return text

@@ -7,9 +7,13 @@ Plugins register *names and import strings* on a registrar object, so loading a 
 imports a framework: the backend class is imported the first time an array of its framework is
 routed.
 
+Every hook receives a :class:`moe_router.registrar.Registrar`. A plugin module imports only
+``hookimpl`` from here (this module imports nothing else of moe_router at run time), so loading
+plugins can never form an import cycle.
+
 Example::
 
-    from moe_router import hookimpl
+    from moe_router.hookspecs import hookimpl
 
     @hookimpl
     def moe_router_register_backends(registrar):
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from .registry import Registrar
+    from .registrar import Registrar
 
 PROJECT = "moe_router"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -41,17 +45,46 @@ def moe_router_register_backends(registrar: Registrar) -> None:
 
 @hookspec
 def moe_router_register_strategies(registrar: Registrar) -> None:
-    """Register routing strategies with ``registrar.strategy(name, fn_or_"module:function")``.
+    """Register routing strategies with ``registrar.strategy(name, fn_or_"module:function",
+    **metadata)``.
 
     A strategy is ``fn(ctx: moe_router.routing.RoutingContext) -> moe_router.routing.Selection``
-    written against ``ctx.backend`` primitives only, so it runs on every framework.
+    written against ``ctx.backend`` primitives only, so it runs on every framework. Its metadata
+    (:class:`~moe_router.registrar.StrategySpec`: ``reads_k``, ``dynamic``, ``stateful``,
+    ``causal_safe``, ``inputs``, ``own_capacity``, ``null_experts``) is what
+    :class:`~moe_router.RouterConfig` validates against and derives ``max_slots`` from.
     """
 
 
 @hookspec
 def moe_router_register_estimators(registrar: Registrar) -> None:
-    """Register complexity estimators with ``registrar.estimator(name, fn_or_"module:function")``.
+    """Register complexity estimators with ``registrar.estimator(name, fn_or_"module:function",
+    inputs=(), causal_safe=True)``.
 
     An estimator is ``fn(ctx: RoutingContext) -> score_T`` (float32, higher = harder token =
-    more experts) used by the ``complexity`` strategy.
+    more experts) used by the ``complexity`` strategy; ``inputs`` names the ``route()`` inputs
+    it reads (``"hidden"``, ``"attention_probs"``, ...).
+    """
+
+
+@hookspec
+def moe_router_register_kernels(registrar: Registrar) -> None:
+    """Register expert-compute kernels with ``registrar.kernel(name, fn_or_"module:function",
+    framework=None, kind="grouped", static_shapes=True, description="")`` and a framework's
+    ``auto`` policy with ``registrar.dispatch_policy(framework, fn_or_"module:function")``.
+
+    A portable kernel (``framework=None``, plain name such as ``"sorted"``) is written on Backend
+    ops; a framework's kernel is named ``"<framework>:<name>"`` (``"torch:grouped_mm"``) and is
+    only accepted by ``MoEConfig.dispatch`` when that framework is installed. ``kind`` is
+    ``"grouped"`` (runs on expert-sorted rows) or ``"tokens"`` (runs on the tokens directly).
+    """
+
+
+@hookspec
+def moe_router_register_observers(registrar: Registrar) -> None:
+    """Register routing observers with ``registrar.observer(name, cls_or_"module:Class")``.
+
+    An observer sees every routing plan inside the traced layer step (its counters live in the
+    layer state) and is read and reset on the host; a config opts in by name with
+    ``MoEConfig(observers=("expert_load", ...))``.
     """

@@ -84,8 +84,12 @@ def load_balancing_loss(router_logits_TE: Array, expert_indices_TK: Array, num_e
 
 # ----- z-loss and entropy ----------------------------------------------------------------------
 def z_loss_from_logits(b: Backend, logits_TE: Array, mask_T: Array | None = None) -> Array:
-    lse_T = b.logsumexp(logits_TE, axis=-1)
-    return _masked_mean(b, lse_T * lse_T, mask_T, logits_TE)
+    return z_loss_from_lse(b, b.logsumexp(logits_TE, axis=-1), mask_T, logits_TE)
+
+
+def z_loss_from_lse(b: Backend, lse_T: Array, mask_T: Array | None, like_TE: Array) -> Array:
+    """z-loss from the per-token ``logsumexp`` of the logits ``(T,)``."""
+    return _masked_mean(b, lse_T * lse_T, mask_T, like_TE)
 
 
 def router_z_loss(router_logits_TE: Array, mask_T: Array | None = None) -> Array:
@@ -95,10 +99,15 @@ def router_z_loss(router_logits_TE: Array, mask_T: Array | None = None) -> Array
 
 
 def entropy_from_logits(b: Backend, logits_TE: Array, mask_T: Array | None = None) -> Array:
-    probs_TE = b.softmax(logits_TE, axis=-1)
-    log_probs_TE = b.log_softmax(logits_TE, axis=-1)
+    return entropy_from_probs(b, b.softmax(logits_TE, axis=-1),
+                              b.log_softmax(logits_TE, axis=-1), mask_T)
+
+
+def entropy_from_probs(b: Backend, probs_TE: Array, log_probs_TE: Array,
+                       mask_T: Array | None = None) -> Array:
+    """Mean router entropy from softmax probabilities and their logs ``(T, E)``."""
     plogp_TE = b.where(probs_TE > 0.0, probs_TE * log_probs_TE, 0.0)
-    return _masked_mean(b, -b.sum(plogp_TE, axis=-1), mask_T, logits_TE)
+    return _masked_mean(b, -b.sum(plogp_TE, axis=-1), mask_T, probs_TE)
 
 
 def router_entropy_loss(router_logits_TE: Array, mask_T: Array | None = None) -> Array:

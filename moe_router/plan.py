@@ -116,3 +116,9 @@ class RoutingPlan:
             "total_loss": number(self.losses.total),
             "static_k": k_static,
         }
+
+
+#: the array-valued fields of :class:`RoutingPlan` (everything but the static ``config``): what a
+#: framework registers as pytree children (JAX) or nested structure (TensorFlow)
+PLAN_ARRAY_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(RoutingPlan) if f.name != "config")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 from .backend import Array, Backend, DType
 
-_DTYPES = {"float32": np.float32, "int": np.int64, "bool": np.bool_}
+_DTYPES = {"float32": np.float32, "int": np.int64, "int32": np.int32, "bool": np.bool_}
+_ERF = np.vectorize(math.erf, otypes=[np.float64])
 
 
 class NumpyBackend(Backend):
@@ -29,6 +31,12 @@ class NumpyBackend(Backend):
     def cast(self, x: Array, dtype: DType) -> Array:
         return np.asarray(x).astype(_DTYPES[dtype], copy=False)
 
+    def cast_like(self, x: Array, like: Array) -> Array:
+        return np.asarray(x).astype(np.asarray(like).dtype, copy=False)
+
+    def is_host(self, x: Array) -> bool:
+        return True
+
     def dtype_kind(self, x: Array) -> str:
         dtype = np.asarray(x).dtype
         if dtype.kind == "V" and "float" in dtype.name:  # ml_dtypes bfloat16 / float8 (kind 'V')
@@ -47,9 +55,6 @@ class NumpyBackend(Backend):
     def full(self, shape: tuple[Any, ...], value: float | int | bool, dtype: DType,
              like: Array) -> Array:
         return np.full(tuple(int(s) for s in shape), value, dtype=_DTYPES[dtype])
-
-    def exp(self, x: Array) -> Array:
-        return np.exp(x)
 
     def log(self, x: Array) -> Array:
         with np.errstate(divide="ignore"):
@@ -76,6 +81,22 @@ class NumpyBackend(Backend):
     def logsumexp(self, x: Array, axis: int = -1) -> Array:
         m = self._safe_max(x, axis)
         return np.log(np.sum(np.exp(x - m), axis=axis)) + np.squeeze(m, axis=axis)
+
+    def relu(self, x: Array) -> Array:
+        x = np.asarray(x)
+        return np.maximum(x, np.zeros((), x.dtype))
+
+    def silu(self, x: Array) -> Array:
+        return np.asarray(x) * self.sigmoid(x)
+
+    def gelu(self, x: Array) -> Array:
+        # exact erf GELU in float64, cast back (NumPy has no vectorized erf)
+        x = np.asarray(x)
+        x64 = x.astype(np.float64)
+        return (0.5 * x64 * (1.0 + _ERF(x64 / math.sqrt(2.0)))).astype(x.dtype)
+
+    def stop_gradient(self, x: Array) -> Array:
+        return x
 
     @staticmethod
     def _safe_max(x: Array, axis: int) -> Array:
@@ -119,9 +140,18 @@ class NumpyBackend(Backend):
     def all_finite(self, x: Array) -> bool:
         return bool(np.all(np.isfinite(x)))
 
+    def argsort(self, x: Array, axis: int = -1) -> Array:
+        return np.argsort(np.asarray(x), axis=axis, kind="stable").astype(np.int64)
+
     def argsort_desc(self, x: Array, axis: int = -1) -> Array:
         # negate then stable ascending sort: equal values keep ascending index order
         return np.argsort(-np.asarray(x), axis=axis, kind="stable").astype(np.int64)
+
+    def invert_permutation(self, perm_S: Array) -> Array:
+        perm_S = np.asarray(perm_S)
+        inverse_S = np.empty(perm_S.shape, dtype=np.int64)
+        inverse_S[perm_S] = np.arange(perm_S.shape[0], dtype=np.int64)
+        return inverse_S
 
     def take_along_axis(self, x: Array, idx: Array, axis: int) -> Array:
         return np.take_along_axis(x, idx, axis=axis)

@@ -1,4 +1,8 @@
-"""The plugin registry: backends, strategies and complexity estimators, loaded lazily (pluggy).
+"""The plugin registry (pluggy): backends, strategies, complexity estimators, expert kernels,
+dispatch policies and observers, each registered with its metadata and imported lazily.
+
+What plugins register on (:class:`Registrar` and the ``*Spec`` classes) lives in the leaf module
+:mod:`moe_router.registrar`; they are re-exported here.
 
 Lookup of a backend for an array follows einops: only frameworks already in ``sys.modules`` are
 considered (so routing a NumPy array never imports torch), the backend class is imported on first
@@ -7,28 +11,42 @@ use, and the answer is cached per array type.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pluggy
 
-from . import hookspecs
+from . import _builtins, hookspecs
 from .backend import Backend
 from .errors import BackendNotFoundError, UnknownNameError
+from .registrar import (
+    BackendSpec,
+    DispatchPolicySpec,
+    EstimatorSpec,
+    KernelSpec,
+    ObserverSpec,
+    Registrar,
+    StrategySpec,
+)
+
+__all__ = [
+    "ENTRY_POINT_GROUP", "BackendSpec", "DispatchPolicySpec", "EstimatorSpec", "KernelSpec",
+    "ObserverSpec", "Registrar", "Registry", "StrategySpec", "backend_for", "default_registry",
+    "get_backend",
+]
 
 ENTRY_POINT_GROUP = "moe_router"
 
-
-@dataclasses.dataclass(frozen=True)
-class BackendSpec:
-    """A lazily imported backend: ``target`` is ``"module:Class"``."""
-
-    name: str
-    target: str
-    framework: str
+#: The hooks, in the order the registry calls them when collecting.
+_HOOKS = (
+    "moe_router_register_backends",
+    "moe_router_register_strategies",
+    "moe_router_register_estimators",
+    "moe_router_register_kernels",
+    "moe_router_register_observers",
+)
 
 
 def _resolve(target: str | Callable[..., Any]) -> Any:
@@ -41,42 +59,21 @@ def _resolve(target: str | Callable[..., Any]) -> Any:
     return obj
 
 
-class Registrar:
-    """What a plugin's ``moe_router_register_*`` hook receives; collects names and targets."""
-
-    def __init__(self) -> None:
-        self.backends: dict[str, BackendSpec] = {}
-        self.strategies: dict[str, str | Callable[..., Any]] = {}
-        self.estimators: dict[str, str | Callable[..., Any]] = {}
-
-    def backend(self, name: str, target: str, *, framework: str) -> None:
-        """Register backend ``name`` implemented by ``target`` (``"module:Class"``)."""
-        self.backends[name] = BackendSpec(name, target, framework)
-
-    def strategy(self, name: str, target: str | Callable[..., Any]) -> None:
-        """Register routing strategy ``name`` (a function or ``"module:function"``)."""
-        self.strategies[name] = target
-
-    def estimator(self, name: str, target: str | Callable[..., Any]) -> None:
-        """Register complexity estimator ``name`` (a function or ``"module:function"``)."""
-        self.estimators[name] = target
-
-
 class Registry:
-    """A pluggy ``PluginManager`` plus the collected backends, strategies and estimators."""
+    """A pluggy ``PluginManager`` plus what its plugins registered: backends, strategies,
+    estimators, kernels, dispatch policies and observers (specs with metadata; targets are
+    resolved on first use and cached)."""
 
     def __init__(self, *, load_entry_points: bool = True) -> None:
         self.plugin_manager = pluggy.PluginManager(hookspecs.PROJECT)
         self.plugin_manager.add_hookspecs(hookspecs)
-        from . import _builtins
-
         self.plugin_manager.register(_builtins, name="moe_router.builtins")
         if load_entry_points:
             self.plugin_manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
         self._collected: Registrar | None = None
         self._instances: dict[str, Backend] = {}
         self._by_type: dict[type, str] = {}
-        self._functions: dict[tuple[str, str], Callable[..., Any]] = {}
+        self._resolved: dict[tuple[str, str], Any] = {}
 
     # ----- plugins -------------------------------------------------------------------------
     def register(self, plugin: Any, name: str | None = None) -> None:
@@ -85,6 +82,7 @@ class Registry:
         self._forget()
 
     def unregister(self, plugin: Any) -> None:
+        """Remove a plugin added with :meth:`register` (its names are forgotten)."""
         self.plugin_manager.unregister(plugin)
         self._forget()
 
@@ -92,29 +90,27 @@ class Registry:
         self._collected = None
         self._by_type.clear()
         self._instances.clear()
-        self._functions.clear()
+        self._resolved.clear()
 
     @property
     def collected(self) -> Registrar:
+        """Everything the plugins registered (hooks called once, on first use)."""
         if self._collected is None:
             registrar = Registrar()
             hook = self.plugin_manager.hook
-            hook.moe_router_register_backends(registrar=registrar)
-            hook.moe_router_register_strategies(registrar=registrar)
-            hook.moe_router_register_estimators(registrar=registrar)
+            for name in _HOOKS:
+                getattr(hook, name)(registrar=registrar)
             self._collected = registrar
         return self._collected
 
-    # ----- lookups -------------------------------------------------------------------------
+    # ----- backends ------------------------------------------------------------------------
     def backend_names(self) -> list[str]:
         return sorted(self.collected.backends)
 
     def backend(self, name: str) -> Backend:
         """The backend registered as ``name`` (imports its framework)."""
         if name not in self._instances:
-            spec = self.collected.backends.get(name)
-            if spec is None:
-                raise UnknownNameError("backend", name, list(self.collected.backends))
+            spec = self._spec("backend", name, self.collected.backends)
             self._instances[name] = _resolve(spec.target)()
         return self._instances[name]
 
@@ -141,28 +137,78 @@ class Registry:
             f"backends with their framework imported: {imported or 'none'} "
             f"(all registered: {sorted(self.collected.backends)})")
 
+    # ----- strategies and estimators -------------------------------------------------------
+    def strategy_spec(self, name: str) -> StrategySpec:
+        """The :class:`StrategySpec` (metadata) of strategy ``name``; imports nothing."""
+        return self._spec("strategy", name, self.collected.strategies)
+
     def strategy(self, name: str) -> Callable[..., Any]:
         """The routing strategy function registered as ``name`` (resolved once, then cached)."""
-        return self._function("strategy", name, self.collected.strategies)
-
-    def estimator(self, name: str) -> Callable[..., Any]:
-        """The complexity estimator registered as ``name`` (resolved once, then cached)."""
-        return self._function("complexity_estimator", name, self.collected.estimators)
+        return self._target("strategy", self.strategy_spec(name))
 
     def strategy_names(self) -> list[str]:
         return sorted(self.collected.strategies)
 
+    def estimator_spec(self, name: str) -> EstimatorSpec:
+        """The :class:`EstimatorSpec` of complexity estimator ``name``; imports nothing."""
+        return self._spec("complexity_estimator", name, self.collected.estimators)
+
+    def estimator(self, name: str) -> Callable[..., Any]:
+        """The complexity estimator registered as ``name`` (resolved once, then cached)."""
+        return self._target("complexity_estimator", self.estimator_spec(name))
+
     def estimator_names(self) -> list[str]:
         return sorted(self.collected.estimators)
 
-    def _function(self, kind: str, name: str,
-                  table: dict[str, str | Callable[..., Any]]) -> Callable[..., Any]:
-        key = (kind, name)
-        if key not in self._functions:
-            if name not in table:
-                raise UnknownNameError(kind, name, list(table))
-            self._functions[key] = _resolve(table[name])
-        return self._functions[key]
+    # ----- kernels and dispatch policies ---------------------------------------------------
+    def kernel_spec(self, name: str) -> KernelSpec:
+        """The :class:`KernelSpec` of kernel ``name`` (``"sorted"``, ``"torch:grouped_mm"``)."""
+        return self._spec("kernel", name, self.collected.kernels)
+
+    def kernel(self, name: str) -> Callable[..., Any]:
+        """The kernel function registered as ``name`` (resolved once, then cached)."""
+        return self._target("kernel", self.kernel_spec(name))
+
+    def kernel_names(self) -> list[str]:
+        """Every registered kernel: portable names and qualified ``"<framework>:<name>"``."""
+        return sorted(self.collected.kernels)
+
+    def dispatch_policy(self, framework: str) -> Callable[..., Any] | None:
+        """``framework``'s function mapping a portable dispatch name to a kernel name, or
+        ``None`` when no plugin registered one (resolved once, then cached)."""
+        spec: DispatchPolicySpec | None = self.collected.dispatch_policies.get(framework)
+        if spec is None:
+            return None
+        key = ("dispatch_policy", framework)
+        if key not in self._resolved:
+            self._resolved[key] = _resolve(spec.target)
+        return self._resolved[key]  # type: ignore[no-any-return]
+
+    # ----- observers -----------------------------------------------------------------------
+    def observer_spec(self, name: str) -> ObserverSpec:
+        """The :class:`ObserverSpec` of observer ``name``; imports nothing."""
+        return self._spec("observer", name, self.collected.observers)
+
+    def observer(self, name: str) -> Any:
+        """The observer class registered as ``name`` (resolved once, then cached)."""
+        return self._target("observer", self.observer_spec(name))
+
+    def observer_names(self) -> list[str]:
+        return sorted(self.collected.observers)
+
+    # ----- helpers -------------------------------------------------------------------------
+    @staticmethod
+    def _spec(kind: str, name: str, table: Mapping[str, Any]) -> Any:
+        spec = table.get(name) if isinstance(name, str) else None
+        if spec is None:
+            raise UnknownNameError(kind, name, list(table))
+        return spec
+
+    def _target(self, kind: str, spec: Any) -> Any:
+        key = (kind, spec.name)
+        if key not in self._resolved:
+            self._resolved[key] = _resolve(spec.target)
+        return self._resolved[key]
 
 
 class _Default:

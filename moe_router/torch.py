@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from moe_router_backends.torch.backend import TorchBackend
 from moe_router_backends.torch.hf import (
+    UnknownFieldError,
     from_hf_block,
-    moe_layers,
     replace_moe_blocks,
     set_strategy,
-    total_aux_loss,
 )
 from moe_router_backends.torch.layers import MoE
+from moe_router_backends.torch.model import calibrate, moe_layers, total_aux_loss
 
-__all__ = ["MoE", "TorchBackend", "from_hf_block", "moe_layers", "replace_moe_blocks",
-           "set_strategy", "total_aux_loss"]
+__all__ = ["MoE", "TorchBackend", "UnknownFieldError", "calibrate", "from_hf_block",
+           "moe_layers", "replace_moe_blocks", "set_strategy", "total_aux_loss"]

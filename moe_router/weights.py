@@ -10,6 +10,9 @@ name                        shape            meaning
 ``router.bias``             ``(E + N,)``     only when ``MoEConfig.router_bias``
 ``router.expert_bias``      ``(E,)``         aux-free balancing bias (state, not trained);
                                              only when ``RouterConfig.use_expert_bias``
+``router.state``            ``(5,)``         router controller state (state, not trained):
+                                             top_p, score_mean, score_var, score_count,
+                                             k_offset (:class:`~moe_router.RouterState`)
 ``experts.w_gate``          ``(E, D, F)``    gated activations only (swiglu, geglu)
 ``experts.w_up``            ``(E, D, F)``
 ``experts.w_down``          ``(E, F, D)``
@@ -20,6 +23,9 @@ name                        shape            meaning
 ==========================  ===============  =============================================
 
 Layouts are "input dim first" so an expert is ``act(x @ w_gate) * (x @ w_up) @ w_down``.
+The two state entries (``router.state``, ``router.expert_bias``) travel with the weights, so a
+trained top-p controller or complexity calibration routes the same after a move between
+frameworks; ``router.state`` may be missing from older exports (a fresh state is used then).
 """
 
 from __future__ import annotations
@@ -35,14 +41,29 @@ from .errors import InputError
 
 
 def weight_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
-    """Every weight name of ``config``'s layer and its shape."""
+    """Every name of the portable export of ``config``'s layer (parameters and persistent
+    state) and its shape."""
+    shapes = param_shapes(config)
+    shapes.update(state_shapes(config))
+    return shapes
+
+
+def state_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
+    """The persistent router state in the export: ``router.state`` and, with
+    ``use_expert_bias``, ``router.expert_bias``."""
+    shapes: dict[str, tuple[int, ...]] = {"router.state": (5,)}
+    if config.router.use_expert_bias:
+        shapes["router.expert_bias"] = (config.router.num_experts,)
+    return shapes
+
+
+def param_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
+    """The trainable parameters of ``config``'s layer and their shapes."""
     r = config.router
     D, F, E = config.d_model, config.d_ff, r.num_experts
     shapes: dict[str, tuple[int, ...]] = {"router.weight": (D, r.num_choices)}
     if config.router_bias:
         shapes["router.bias"] = (r.num_choices,)
-    if r.use_expert_bias:
-        shapes["router.expert_bias"] = (E,)
     if config.is_gated:
         shapes["experts.w_gate"] = (E, D, F)
     shapes["experts.w_up"] = (E, D, F)
@@ -58,12 +79,20 @@ def weight_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def init_weights(config: MoEConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 weights: normal(0, init_std); biases and the expert bias start at zero."""
+def initial_router_state(config: MoEConfig) -> np.ndarray:
+    """The fresh ``(5,)`` float32 controller vector: p = ``top_p``, variance 1, the rest 0."""
+    return np.asarray([config.router.top_p, 0.0, 1.0, 0.0, 0.0], np.float32)
+
+
+def init_weights(config: MoEConfig, seed: Any = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights: normal(0, init_std); biases and the expert bias start at zero,
+    the router state fresh."""
     rng = np.random.default_rng(seed)
     weights = {}
     for name, shape in weight_shapes(config).items():
-        if name.endswith("bias"):
+        if name == "router.state":
+            weights[name] = initial_router_state(config)
+        elif name.endswith("bias"):
             weights[name] = np.zeros(shape, np.float32)
         else:
             weights[name] = (rng.standard_normal(shape) * config.init_std).astype(np.float32)
@@ -73,6 +102,8 @@ def init_weights(config: MoEConfig, seed: int = 0) -> dict[str, np.ndarray]:
 def check_weights(config: MoEConfig, weights: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Validate names and shapes; returns float32 NumPy copies. Errors name the weight."""
     expected = weight_shapes(config)
+    if "router.state" not in weights:  # exports from before the state travelled with them
+        weights = {**weights, "router.state": initial_router_state(config)}
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     if missing or extra:
@@ -112,13 +143,16 @@ def reference_forward(x: np.ndarray, weights: Mapping[str, Any], config: MoEConf
 
     Args:
         x: ``(..., D)`` input.
-        weights: the portable weight dict.
+        weights: the portable weight dict (its ``router.state`` is the controller state of
+            stateful strategies unless ``route_kwargs`` has a ``state``).
         route_kwargs: passed to :func:`moe_router.route` (``training``, ``state``, ...).
 
     Returns:
-        ``(y, plan)``: ``y`` of ``x``'s shape (float64), and the :class:`RoutingPlan`.
+        a tuple ``(y, plan)`` (not ``y`` alone): ``y`` of ``x``'s shape (float64), and the
+        :class:`RoutingPlan`.
     """
     from .api import route
+    from .plan import RouterState
 
     w = {k: v.astype(np.float64) for k, v in check_weights(config, weights).items()}
     x = np.asarray(x)
@@ -128,6 +162,9 @@ def reference_forward(x: np.ndarray, weights: Mapping[str, Any], config: MoEConf
     logits_TE = x_TD @ w["router.weight"]
     if "router.bias" in w:
         logits_TE = logits_TE + w["router.bias"]
+    if config.router.strategy_spec.stateful and "state" not in route_kwargs:
+        vector = check_weights(config, weights)["router.state"]
+        route_kwargs["state"] = RouterState(*(vector[i] for i in range(5)))
     plan = route(logits_TE.astype(np.float32), config.router,
                  expert_bias_E=weights.get("router.expert_bias"), **route_kwargs)
     y_TD = np.zeros_like(x_TD)

@@ -156,7 +156,8 @@ def test_moe_config_contract() -> None:
     assert mc.num_experts == 8 and mc.is_gated
     assert mc.expert_flops_per_token == 2 * 3 * 512 * 1024
     assert weight_shapes(mc) == {"router.weight": (512, 8), "experts.w_gate": (8, 512, 1024),
-                                 "experts.w_up": (8, 512, 1024), "experts.w_down": (8, 1024, 512)}
+                                 "experts.w_up": (8, 512, 1024), "experts.w_down": (8, 1024, 512),
+                                 "router.state": (5,)}  # the controller state travels too
 
 
 # ----- reference_forward against a hand loop -----------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import moe_router as mr
-from moe_router.config import BUILTIN_ESTIMATORS, BUILTIN_STRATEGIES, env_variables
+from moe_router.config import env_variables
+from moe_router.registry import Registrar, default_registry
 
 E = 8
+#: the registered names (no hard-coded list: the registry is the source of truth)
+STRATEGIES = tuple(default_registry().strategy_names())
+ESTIMATORS = tuple(default_registry().estimator_names())
 
 # ----- invalid values, field by field ---------------------------------------------------------
 #: (id, RouterConfig kwargs on top of num_experts=8, the field the error must name)
@@ -31,6 +37,7 @@ ROUTER_INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("num_experts bool", {"num_experts": True}, "num_experts"),
     ("strategy empty", {"strategy": ""}, "strategy"),
     ("strategy not str", {"strategy": 3}, "strategy"),
+    ("strategy unknown", {"strategy": "topk"}, "strategy"),
     ("k > E", {"k": 9}, "k"),
     ("k = 0", {"k": 0}, "k"),
     ("k float", {"k": 2.0}, "k"),
@@ -67,6 +74,8 @@ ROUTER_INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("too few groups for k", {"num_groups": 4, "topk_groups": 1, "k": 4}, "topk_groups"),
     ("route_scale = 0", {"route_scale": 0.0}, "route_scale"),
     ("complexity_estimator empty", {"complexity_estimator": ""}, "complexity_estimator"),
+    ("complexity_estimator unknown", {"complexity_estimator": "perplexity"},
+     "complexity_estimator"),
     ("complexity_spread = 0", {"complexity_spread": 0.0}, "complexity_spread"),
     ("noise", {"noise": "uniform"}, "noise"),
     ("noise_std < 0", {"noise_std": -1.0}, "noise_std"),
@@ -80,6 +89,7 @@ ROUTER_INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("hash_seed float", {"hash_seed": 1.5}, "hash_seed"),
     ("hash_buckets = 0", {"hash_buckets": 0}, "hash_buckets"),
     ("nan_policy", {"nan_policy": "warn"}, "nan_policy"),
+    ("nan_policy always", {"nan_policy": "always"}, "nan_policy"),
     ("balanced_debug", {"balanced_debug": 1}, "balanced_debug"),
 ]
 
@@ -96,6 +106,13 @@ MOE_INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("router_bias", {"router_bias": "no"}, "router_bias"),
     ("init_std = 0", {"init_std": 0.0}, "init_std"),
     ("dispatch empty", {"dispatch": ""}, "dispatch"),
+    ("dispatch unknown", {"dispatch": "magic"}, "dispatch"),
+    ("dispatch not str", {"dispatch": 3}, "dispatch"),
+    ("dispatch unqualified framework kernel", {"dispatch": "grouped_mm"}, "dispatch"),
+    ("dispatch capacity without capacity", {"dispatch": "capacity"}, "dispatch"),
+    ("observers unknown", {"observers": ("nope",)}, "observers"),
+    ("observers a str", {"observers": "expert_load"}, "observers"),
+    ("observers twice", {"observers": ("expert_load", "expert_load")}, "observers"),
 ]
 
 
@@ -197,7 +214,7 @@ values = st.one_of(st.none(), st.booleans(), st.integers(-2, 12),
 @given(num_experts=st.one_of(st.integers(-1, 12), values), k=values, min_experts=values,
        max_experts=values, target_experts=values, top_p=values, num_groups=values,
        topk_groups=values, num_null_experts=values,
-       strategy=st.sampled_from([*BUILTIN_STRATEGIES, ""]))
+       strategy=st.sampled_from([*STRATEGIES, "", "top_q"]))
 def test_validation_is_total(**kwargs: Any) -> None:
     """Any mix of values gives a ConfigError or a config whose invariants hold; nothing else."""
     try:
@@ -221,11 +238,12 @@ def test_validation_is_total(**kwargs: Any) -> None:
 def router_configs(draw: st.DrawFn) -> mr.RouterConfig:
     """Valid RouterConfigs over the fields that interact (E, k, min/max/target, p, groups...)."""
     E_ = draw(st.integers(1, 16))
-    strategy = draw(st.sampled_from(BUILTIN_STRATEGIES))
-    causal = strategy != "expert_choice" and draw(st.booleans())
+    strategy = draw(st.sampled_from(STRATEGIES))
+    spec = default_registry().strategy_spec(strategy)
+    causal = spec.causal_safe and draw(st.booleans())
     k = draw(st.integers(1, E_))
     max_experts = draw(st.none() | st.integers(1, E_))
-    K = max_experts or (k if strategy in ("top_k", "hash") else E_)
+    K = max_experts or (k if spec.fixed_k else E_)
     min_experts = draw(st.integers(0, K))
     target = draw(st.none() | st.floats(min_experts, K, allow_nan=False))
     return mr.RouterConfig(
@@ -236,7 +254,8 @@ def router_configs(draw: st.DrawFn) -> mr.RouterConfig:
         normalize_weights=draw(st.sampled_from([None, True, False])),
         capacity_factor=draw(st.none() | st.floats(0.1, 4.0)),
         drop_policy=draw(st.sampled_from(["position", "probability"])),
-        complexity_estimator=draw(st.sampled_from(BUILTIN_ESTIMATORS)),
+        complexity_estimator=draw(st.sampled_from(ESTIMATORS)),
+        nan_policy=draw(st.sampled_from(["raise", "raise_always", "ignore"])),
         noise=draw(st.sampled_from(["none", "normal", "gumbel", "jitter"])),
         aux_loss_coef=draw(st.floats(0.0, 1.0)), hash_seed=draw(st.integers(-5, 2**31)),
         balance_convention=draw(st.sampled_from(["switch", "hf"])),
@@ -321,7 +340,8 @@ MOE_ENV_CASES: dict[str, tuple[str, Any, dict[str, str]]] = {
     "MOE_SHARED_EXPERT_GATE": ("true", True, {"MOE_NUM_SHARED_EXPERTS": "1"}),
     "MOE_ROUTER_BIAS": ("true", True, {}),
     "MOE_INIT_STD": ("0.1", 0.1, {}),
-    "MOE_DISPATCH": ("loop", "loop", {}),
+    "MOE_DISPATCH": ("sorted", "sorted", {}),
+    "MOE_OBSERVERS": (" expert_load, ", ("expert_load",), {}),
 }
 ROUTER_BASE = {"MOE_NUM_EXPERTS": "8"}
 MOE_BASE = {**ROUTER_BASE, "MOE_D_MODEL": "16", "MOE_D_FF": "32"}
@@ -391,6 +411,9 @@ def test_from_env_optional_fields_accept_none() -> None:
     ({**ROUTER_BASE, "MOE_ROUTING_STRATEGY": "top_p", "MOE_MIN_EXPERTS": "5",
       "MOE_MAX_EXPERTS": "3"}, "MOE_MIN_EXPERTS"),
     ({**ROUTER_BASE, "MOE_COMPLEXITY_ESTIMATOR": ""}, "MOE_COMPLEXITY_ESTIMATOR"),
+    ({**ROUTER_BASE, "MOE_COMPLEXITY_ESTIMATOR": "nope"}, "MOE_COMPLEXITY_ESTIMATOR"),
+    ({**ROUTER_BASE, "MOE_ROUTING_STRATEGY": "garbage"}, "MOE_ROUTING_STRATEGY"),
+    ({**ROUTER_BASE, "MOE_STRATEGY": "garbage"}, "MOE_STRATEGY"),
     ({**ROUTER_BASE, "MOE_K": "2", "MOE_TOP_K": "3"}, "MOE_TOP_K"),  # two names, two values
     ({}, "MOE_NUM_EXPERTS"),  # required and missing
 ])
@@ -404,6 +427,10 @@ def test_router_from_env_errors_name_the_variable(environ: dict[str, str], varia
     ({**MOE_BASE, "MOE_D_MODEL": "0"}, "MOE_D_MODEL"),
     ({**ROUTER_BASE, "MOE_INPUT_DIM": "wide", "MOE_D_FF": "8"}, "MOE_INPUT_DIM"),
     ({**MOE_BASE, "MOE_ACTIVATION": "tanh"}, "MOE_ACTIVATION"),
+    ({**MOE_BASE, "MOE_DISPATCH": "magic"}, "MOE_DISPATCH"),
+    ({**MOE_BASE, "MOE_DISPATCH": "capacity"}, "MOE_DISPATCH"),
+    ({**MOE_BASE, "MOE_OBSERVERS": "expert_load,nope"}, "MOE_OBSERVERS"),
+    ({**MOE_BASE, "MOE_ROUTING_STRATEGY": "garbage"}, "MOE_ROUTING_STRATEGY"),
     ({**ROUTER_BASE, "MOE_D_FF": "8"}, "MOE_INPUT_DIM"),  # d_model missing: both names given
     ({"MOE_D_MODEL": "8", "MOE_D_FF": "8"}, "MOE_NUM_EXPERTS"),
 ])
@@ -483,3 +510,156 @@ def test_from_json_rejects_bad_files(tmp_path: Path, text: str) -> None:
     with pytest.raises(mr.ConfigError) as info:
         mr.RouterConfig.from_json(path)
     assert info.value.field == "path" and str(path) in str(info.value)
+
+
+# ----- registered names: checked when the config is built -----------------------------------------
+def test_unknown_strategy_suggests_the_closest() -> None:
+    with pytest.raises(mr.ConfigError) as info:
+        mr.RouterConfig(num_experts=E, strategy="topk")
+    message = str(info.value)
+    assert message.startswith("strategy='topk' is invalid: expected a registered strategy "
+                              "(did you mean 'top_k'?); known: ")
+    assert ", ".join(STRATEGIES) in message
+    err = info.value
+    assert isinstance(err, mr.UnknownNameError) and isinstance(err, ValueError)
+    assert (err.field, err.kind, err.name, err.known) == ("strategy", "strategy", "topk",
+                                                          list(STRATEGIES))
+
+
+def test_unknown_name_without_a_close_one_lists_the_known() -> None:
+    with pytest.raises(mr.ConfigError) as info:
+        mr.RouterConfig(num_experts=E, complexity_estimator="zzzz")
+    assert "did you mean" not in str(info.value)
+    assert info.value.field == "complexity_estimator"
+    assert all(name in str(info.value) for name in ESTIMATORS)
+
+
+def test_unknown_strategy_from_env_names_the_variable() -> None:
+    with pytest.raises(mr.UnknownNameError) as info:
+        mr.RouterConfig.from_env({**ROUTER_BASE, "MOE_ROUTING_STRATEGY": "top-p"})
+    message = str(info.value)
+    assert message.startswith("strategy (from $MOE_ROUTING_STRATEGY)='top-p' is invalid")
+    assert "did you mean 'top_p'?" in message and info.value.name == "top-p"
+
+
+def test_unknown_names_from_json_name_the_field(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"router_config": {"num_experts": 8, "strategy": "treshold"}})
+    with pytest.raises(mr.ConfigError) as info:
+        mr.RouterConfig.from_json(path)
+    assert info.value.field == "strategy" and "did you mean 'threshold'?" in str(info.value)
+    path = _write(tmp_path, {"moe_config": {"d_model": 8, "d_ff": 8, "dispatch": "sortd"},
+                             "router_config": {"num_experts": 2}}, "moe.json")
+    with pytest.raises(mr.ConfigError) as info:
+        mr.MoEConfig.from_json(path)
+    assert info.value.field == "dispatch" and "did you mean 'sorted'?" in str(info.value)
+
+
+def test_strategy_metadata_is_exposed() -> None:
+    rc = mr.RouterConfig(num_experts=E, strategy="expert_choice", k=2)
+    spec = rc.strategy_spec
+    assert spec.name == "expert_choice" and spec.own_capacity and not spec.causal_safe
+    assert (rc.max_slots, rc.is_dynamic, rc.nominal_experts) == (E, True, float(E))
+    hashed = mr.RouterConfig(num_experts=E, strategy="hash", k=3)
+    assert (hashed.max_slots, hashed.is_dynamic, hashed.nominal_experts) == (3, False, 3.0)
+
+
+def test_nan_policy_values() -> None:
+    for policy in ("raise", "raise_always", "ignore"):
+        assert mr.RouterConfig(num_experts=E, nan_policy=policy).nan_policy == policy
+    assert mr.RouterConfig(num_experts=E).nan_policy == "raise"
+
+
+# ----- dispatch and observers ------------------------------------------------------------------
+class _StdlibFrameworkKernels:
+    """Kernels of a 'framework' that is always installed (json) and of one that never is."""
+
+    @mr.hookimpl
+    def moe_router_register_kernels(self, registrar: Registrar) -> None:
+        registrar.kernel("json:fastmm", "json:dumps", framework="json")
+        registrar.kernel("ghost_fw_not_installed:fastmm", "ghost_fw_not_installed.k:mm",
+                         framework="ghost_fw_not_installed")
+
+
+@pytest.fixture
+def framework_kernels() -> Iterator[None]:
+    plugin = _StdlibFrameworkKernels()
+    default_registry().register(plugin)
+    try:
+        yield
+    finally:
+        default_registry().unregister(plugin)
+
+
+def _moe(**changes: Any) -> mr.MoEConfig:
+    return mr.MoEConfig(**_moe_kwargs(**changes))
+
+
+def test_portable_dispatch_names_are_accepted() -> None:
+    portable = [n for n in default_registry().kernel_names()
+                if default_registry().kernel_spec(n).framework is None]
+    assert {"sorted", "capacity", "dense", "gather"} <= set(portable)
+    for name in ["auto", *portable]:
+        router = mr.RouterConfig(num_experts=E, capacity_factor=1.25)
+        assert _moe(dispatch=name, router=router).dispatch == name
+
+
+def test_capacity_dispatch_needs_a_capacity() -> None:
+    with pytest.raises(mr.ConfigError, match="capacity_factor") as info:
+        _moe(dispatch="capacity")
+    assert info.value.field == "dispatch"
+    assert _moe(dispatch="capacity", router=mr.RouterConfig(num_experts=E, capacity_factor=1.0))
+    # expert choice sizes its own capacity
+    assert _moe(dispatch="capacity", router=mr.RouterConfig(num_experts=E,
+                                                            strategy="expert_choice"))
+
+
+def test_qualified_kernel_of_an_installed_framework(framework_kernels: None) -> None:
+    assert _moe(dispatch="json:fastmm").dispatch == "json:fastmm"
+    with pytest.raises(mr.ConfigError) as info:
+        _moe(dispatch="fastmm")
+    message = str(info.value)
+    assert "did you mean 'ghost_fw_not_installed:fastmm' or 'json:fastmm'?" in message
+    assert "sorted" in message and "json:fastmm" in message
+
+
+def test_qualified_kernel_of_a_missing_framework_is_refused(framework_kernels: None) -> None:
+    with pytest.raises(mr.ConfigError) as info:
+        _moe(dispatch="ghost_fw_not_installed:fastmm")
+    assert info.value.field == "dispatch"
+    assert "'ghost_fw_not_installed', which is not installed" in str(info.value)
+    assert "ghost_fw_not_installed" not in sys.modules
+
+
+@pytest.mark.parametrize(("short", "qualified"), [("grouped_mm", "torch:grouped_mm"),
+                                                  ("padded", "torch:padded"),
+                                                  ("loop", "torch:loop"),
+                                                  ("ragged_dot", "jax:ragged_dot"),
+                                                  ("split", "tensorflow:split")])
+def test_unqualified_framework_kernel_suggests_the_qualified(short: str, qualified: str) -> None:
+    if qualified not in default_registry().kernel_names():
+        pytest.skip(f"{qualified} is registered by an entry point: `pip install -e .` first")
+    with pytest.raises(mr.ConfigError, match=f"did you mean '{qualified}'") as info:
+        _moe(dispatch=short)
+    assert info.value.field == "dispatch"
+
+
+def test_tiles_suggests_both_frameworks() -> None:
+    kernels = default_registry().kernel_names()
+    if not {"jax:tiles", "tensorflow:tiles"} <= set(kernels):
+        pytest.skip("framework kernels are registered by entry points: `pip install -e .`")
+    with pytest.raises(mr.ConfigError, match="did you mean 'jax:tiles' or 'tensorflow:tiles'"):
+        _moe(dispatch="tiles")
+
+
+def test_observers_are_stored_as_a_tuple(tmp_path: Path) -> None:
+    mc = _moe(observers=["expert_load"])
+    assert mc.observers == ("expert_load",) and hash(mc) == hash(_moe(observers=("expert_load",)))
+    assert mr.MoEConfig.from_dict({**_moe_kwargs(), "observers": ["expert_load"]}) == mc
+    path = _write(tmp_path, {"moe_config": {"d_model": 16, "d_ff": 32,
+                                            "observers": ["expert_load"]},
+                             "router_config": {"num_experts": E}})
+    assert mr.MoEConfig.from_json(path) == mc
+    assert mr.MoEConfig.from_env({**MOE_BASE, "MOE_OBSERVERS": "expert_load"}) == mc
+    assert _moe().observers == ()
+    with pytest.raises(mr.ConfigError, match="did you mean 'expert_load'"):
+        _moe(observers=("expert_lod",))

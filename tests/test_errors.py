@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
+import pickle
+from typing import Any
+
 import numpy as np
 import pytest
 
 from moe_router import (
+    BackendNotFoundError,
     ConfigError,
     InputError,
     InputTypeError,
+    MoEConfig,
+    MoERouterError,
     RouterConfig,
     UnknownNameError,
     init_router_state,
     route,
 )
+from moe_router import errors as errors_module
 
 E = 4
 
@@ -97,19 +105,26 @@ def test_invalid_config_names_field_value_and_allowed(fields: dict, field: str) 
     assert message.startswith(f"{field}=") and "expected" in message
 
 
-# ----- registered names ----------------------------------------------------------------------
+# ----- registered names: refused when the config is built ------------------------------------
 def test_unknown_strategy_lists_known_names() -> None:
-    config = RouterConfig(num_experts=E, strategy="top_q")
-    with pytest.raises(UnknownNameError, match="unknown strategy 'top_q'") as info:
-        route(logits(), config)
+    with pytest.raises(UnknownNameError, match="strategy='top_q' is invalid") as info:
+        RouterConfig(num_experts=E, strategy="top_q")
     assert "top_p" in str(info.value) and "expert_choice" in str(info.value)
+    assert "did you mean 'top_p'?" in str(info.value)
+    assert isinstance(info.value, ConfigError) and info.value.field == "strategy"
+    assert (info.value.kind, info.value.name) == ("strategy", "top_q")
 
 
 def test_unknown_estimator_lists_known_names() -> None:
-    config = RouterConfig(num_experts=E, strategy="complexity", complexity_estimator="perplexity")
-    with pytest.raises(UnknownNameError, match="perplexity") as info:
-        route(logits(), config)
-    assert "complexity_estimator" in str(info.value) and "hidden_norm" in str(info.value)
+    with pytest.raises(ConfigError, match="perplexity") as info:
+        RouterConfig(num_experts=E, strategy="complexity", complexity_estimator="perplexity")
+    assert info.value.field == "complexity_estimator" and "hidden_norm" in str(info.value)
+
+
+def test_unknown_dispatch_suggests_the_closest() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'dense'") as info:
+        MoEConfig(d_model=4, d_ff=4, router=RouterConfig(num_experts=E), dispatch="dens")
+    assert info.value.field == "dispatch"
 
 
 # ----- inputs a strategy needs ------------------------------------------------------------------
@@ -178,6 +193,84 @@ def test_attention_probs_of_wrong_shape_names_it(shape: tuple[int, ...]) -> None
 
 
 def test_errors_are_the_documented_builtin_types() -> None:
-    # callers can catch ValueError / TypeError / KeyError without importing moe_router
+    # callers can catch ValueError / TypeError / LookupError without importing moe_router
     assert issubclass(InputError, ValueError) and issubclass(ConfigError, ValueError)
-    assert issubclass(InputTypeError, TypeError) and issubclass(UnknownNameError, KeyError)
+    assert issubclass(InputTypeError, TypeError) and issubclass(BackendNotFoundError, LookupError)
+    assert issubclass(UnknownNameError, ConfigError) and issubclass(UnknownNameError, ValueError)
+    assert not issubclass(UnknownNameError, KeyError)
+    for cls in ERROR_CLASSES:
+        assert issubclass(cls, MoERouterError)
+
+
+# ----- one message is enough to rebuild an error (Keras re-raises ``type(e)(str(e))``) --------
+ERROR_CLASSES = [cls for _, cls in inspect.getmembers(errors_module, inspect.isclass)
+                 if issubclass(cls, BaseException) and cls.__module__ == errors_module.__name__]
+
+#: structured constructions, per class; every class is also built from a plain message
+EXAMPLES: dict[str, list[tuple[Any, ...]]] = {
+    "ConfigError": [("k", 9, "an int in [1, 8]"), ("strategy (from $MOE_STRATEGY)", "x", "a y"),
+                    ("num_experts", None, "a value: RouterConfig.num_experts is required"),
+                    ("capacity_factor", -1.0)],
+    "InputError": [("router_logits_TE", "contains NaN or Inf"),
+                   ("weights['w_up']", "expected shape (2, 3), got (3, 2)")],
+    "InputTypeError": [("x", "expected a floating dtype")],
+    "UnknownNameError": [("strategy", "topk", ["top_k", "top_p"]),
+                         ("observer", "zzz", []),
+                         ("backend", "cuda", ["numpy", "torch"])],
+}
+ROUND_TRIP = [(cls, args) for cls in ERROR_CLASSES
+              for args in [*EXAMPLES.get(cls.__name__, []), ("something went wrong: badly",)]]
+
+
+def _attributes(err: BaseException) -> dict[str, Any]:
+    names = ("field", "value", "allowed", "argument", "problem", "kind", "name", "known")
+    return {name: getattr(err, name) for name in names if hasattr(err, name)}
+
+
+def test_every_error_class_has_a_round_trip_case() -> None:
+    assert {"ConfigError", "InputError", "InputTypeError", "UnknownNameError",
+            "BackendNotFoundError", "MoERouterError"} <= {c.__name__ for c in ERROR_CLASSES}
+
+
+@pytest.mark.parametrize(("cls", "args"), ROUND_TRIP,
+                         ids=[f"{c.__name__}-{len(a)}-{i}" for i, (c, a) in enumerate(ROUND_TRIP)])
+def test_error_rebuilt_from_its_message(cls: type[BaseException], args: tuple[Any, ...]) -> None:
+    err = cls(*args)
+    again = type(err)(str(err))
+    assert type(again) is cls and str(again) == str(err)
+    if len(args) > 1:  # the structured attributes are parsed back from the message
+        assert _attributes(again) == _attributes(err)
+    assert type(type(again)(str(again))) is cls
+    loaded = pickle.loads(pickle.dumps(err))
+    assert type(loaded) is cls and str(loaded) == str(err)
+    assert _attributes(loaded) == _attributes(err)
+
+
+def test_attributes_parsed_from_a_message() -> None:
+    assert InputError("x: last dimension 3 != d_model 4").argument == "x"
+    assert InputError("x: last dimension 3 != d_model 4").problem == "last dimension 3 != d_model 4"
+    assert InputError("no prefix here").argument is None
+    err = ConfigError("strategy='topk' is invalid: expected a registered strategy "
+                      "(did you mean 'top_k'?); known: top_k, top_p")
+    assert (err.field, err.value) == ("strategy", "topk")
+    assert isinstance(UnknownNameError(str(err)), ConfigError)
+    unknown = UnknownNameError(str(err))
+    assert (unknown.kind, unknown.name, unknown.known) == ("strategy", "topk", ["top_k", "top_p"])
+    assert ConfigError("plain words").field is None
+
+
+def test_errors_raised_by_the_library_round_trip() -> None:
+    caught: list[BaseException] = []
+    for call in (lambda: RouterConfig(num_experts=E, k=9),
+                 lambda: RouterConfig(num_experts=E, strategy="topk"),
+                 lambda: RouterConfig.from_env({"MOE_NUM_EXPERTS": "4",
+                                                "MOE_ROUTING_STRATEGY": "garbage"}),
+                 lambda: route(np.zeros((2, E + 1), np.float32), RouterConfig(num_experts=E)),
+                 lambda: route(np.zeros((2, E), np.int32), RouterConfig(num_experts=E))):
+        with pytest.raises(MoERouterError) as info:
+            call()
+        caught.append(info.value)
+    for err in caught:
+        again = type(err)(str(err))
+        assert type(again) is type(err) and str(again) == str(err)
+        assert _attributes(again) == _attributes(err)

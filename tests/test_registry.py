@@ -1,4 +1,5 @@
-"""The pluggy registry: third-party backends, strategies and estimators installed through hooks.
+"""The pluggy registry: third-party backends, strategies, estimators, kernels, dispatch policies
+and observers installed through hooks, with their metadata.
 
 A toy third-party "framework" (``toy_moe_array``: NumPy arrays in a ``ToyArray`` box) and its
 backend plugin (``toy_moe_backend``) are written to a temporary directory, so the tests can watch
@@ -8,6 +9,7 @@ imported the framework.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.metadata
 import inspect
@@ -23,6 +25,12 @@ import pytest
 
 import moe_router as mr
 from moe_router import hookimpl, hookspecs
+from moe_router.registrar import (
+    EstimatorSpec,
+    KernelSpec,
+    ObserverSpec,
+    StrategySpec,
+)
 from moe_router.registry import Registrar, Registry, default_registry
 from moe_router.routing import RoutingContext, Selection
 from moe_router.routing.select import prefix_select
@@ -304,7 +312,8 @@ def test_unregister_forgets_the_backend(toy_path: Path) -> None:
     assert registry.backend_names() == ["numpy"]
     with pytest.raises(mr.BackendNotFoundError):
         registry.backend_for(x)
-    with pytest.raises(mr.UnknownNameError, match="unknown backend 'toy'"):
+    with pytest.raises(mr.UnknownNameError, match="backend='toy' is invalid: expected a "
+                                                   "registered backend; known: numpy"):
         registry.backend("toy")
 
 
@@ -372,9 +381,22 @@ def test_custom_strategy_by_import_string_is_lazy(custom_plugins: None) -> None:
 
 def test_unregistered_strategy_is_a_clear_error(custom_plugins: None) -> None:
     with pytest.raises(mr.UnknownNameError) as info:
-        mr.route(_logits(), mr.RouterConfig(num_experts=6, strategy="no_such_strategy"))
+        mr.RouterConfig(num_experts=6, strategy="first_expret")  # refused when built
     message = str(info.value)
-    assert "no_such_strategy" in message and "first_expert" in message and "top_k" in message
+    assert "first_expret" in message and "top_k" in message
+    assert "did you mean 'first_expert'?" in message
+    assert info.value.field == "strategy" and "first_expert" in info.value.known
+
+
+def test_strategy_unregistered_after_the_config_was_built(toy_path: Path) -> None:
+    plugin = StrategyPlugin()
+    default_registry().register(plugin)
+    try:
+        rc = mr.RouterConfig(num_experts=6, strategy="first_expert", max_experts=1)
+    finally:
+        default_registry().unregister(plugin)
+    with pytest.raises(mr.UnknownNameError, match="strategy='first_expert'.*known:.*top_k"):
+        mr.route(_logits(), rc)
 
 
 def test_custom_estimator_drives_complexity_routing(custom_plugins: None) -> None:
@@ -397,10 +419,289 @@ def test_custom_estimator_drives_complexity_routing(custom_plugins: None) -> Non
 
 
 def test_unknown_estimator_is_a_clear_error() -> None:
-    rc = mr.RouterConfig(num_experts=6, strategy="complexity", complexity_estimator="nope")
-    with pytest.raises(mr.UnknownNameError, match="unknown complexity_estimator 'nope'.*"
-                                                   "router_entropy"):
-        mr.route(_logits(), rc)
+    with pytest.raises(mr.UnknownNameError, match="complexity_estimator='nope' is invalid: "
+                                                   "expected a registered complexity_estimator"
+                                                   ".*router_entropy"):
+        mr.RouterConfig(num_experts=6, strategy="complexity", complexity_estimator="nope")
+    with pytest.raises(mr.UnknownNameError) as info:
+        default_registry().estimator("hidden_nrom")
+    assert "did you mean 'hidden_norm'?" in str(info.value)
+
+
+# ----- metadata ----------------------------------------------------------------------------------
+def test_builtin_strategy_metadata() -> None:
+    registry = Registry(load_entry_points=False)
+    spec = {name: registry.strategy_spec(name) for name in registry.strategy_names()}
+    assert set(spec) == {"top_k", "top_p", "threshold", "relu", "expert_choice", "hash",
+                         "complexity"}
+    assert all(isinstance(s, StrategySpec) and s.name == n for n, s in spec.items())
+    assert all(s.target == f"moe_router.routing.strategies:{n}" for n, s in spec.items())
+    flags = ("reads_k", "dynamic", "stateful", "causal_safe", "own_capacity", "null_experts")
+    table = {name: tuple(n for n in flags if getattr(s, n)) + s.inputs
+             for name, s in spec.items()}
+    assert table == {
+        "top_k": ("reads_k", "causal_safe", "null_experts"),
+        "hash": ("reads_k", "causal_safe", "token_ids"),
+        "expert_choice": ("reads_k", "dynamic", "own_capacity"),
+        "top_p": ("dynamic", "stateful", "causal_safe"),
+        "threshold": ("dynamic", "causal_safe"),
+        "relu": ("dynamic", "causal_safe"),
+        "complexity": ("dynamic", "stateful", "causal_safe"),
+    }
+    assert sorted(n for n, s in spec.items() if s.fixed_k) == ["hash", "top_k"]
+
+
+def test_builtin_estimator_kernel_and_observer_metadata() -> None:
+    registry = Registry(load_entry_points=False)
+    estimators = {n: registry.estimator_spec(n) for n in registry.estimator_names()}
+    assert {n: s.inputs for n, s in estimators.items()} == {
+        "router_entropy": (), "hidden_norm": ("hidden",),
+        "attention_entropy": ("attention_probs",), "external": ("complexity_scores",)}
+    assert all(isinstance(s, EstimatorSpec) and s.causal_safe for s in estimators.values())
+    kernels = {n: registry.kernel_spec(n) for n in registry.kernel_names()}
+    assert {n: (s.target, s.framework, s.kind, s.static_shapes) for n, s in kernels.items()} == {
+        "sorted": ("moe_router.layer.experts:sorted_padded", None, "grouped", False),
+        "capacity": ("moe_router.layer.experts:capacity", None, "grouped", True),
+        "dense": ("moe_router.layer.experts:dense", None, "tokens", True),
+        "gather": ("moe_router.layer.experts:gather", None, "tokens", True),
+    }
+    assert registry.observer_names() == ["expert_load"]
+    assert registry.observer_spec("expert_load") == ObserverSpec(
+        "expert_load", "moe_router.layer.observers:ExpertLoad")
+    assert registry.dispatch_policy("numpy") is None
+
+
+def _module_of(target: str) -> ModuleType | None:
+    module = target.partition(":")[0]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name == module:
+            return None  # being written: skipped below
+        raise
+
+
+def test_builtin_targets_resolve_lazily() -> None:
+    registry = Registry(load_entry_points=False)
+    for name in registry.kernel_names():
+        if _module_of(registry.kernel_spec(name).target) is None:
+            pytest.skip(f"{registry.kernel_spec(name).target} does not exist yet")
+        assert callable(registry.kernel(name)) and registry.kernel(name) is registry.kernel(name)
+    if _module_of(registry.observer_spec("expert_load").target) is None:
+        pytest.skip("moe_router.layer.observers does not exist yet")
+    assert inspect.isclass(registry.observer("expert_load"))
+
+
+def _defined_names(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = {node.name for node in tree.body
+             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    names |= {target.id for node in tree.body if isinstance(node, ast.Assign)
+              for target in node.targets if isinstance(target, ast.Name)}
+    return names
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_framework_plugin_targets_exist(framework: str) -> None:
+    """Every string a framework plugin registers names something defined in its module (checked
+    in the source: the framework is not imported)."""
+    plugin = importlib.import_module(f"moe_router_backends.{framework}.plugin")
+    registrar = Registrar()
+    for name in _hookspec_names():
+        impl = getattr(plugin, name, None)
+        if impl is not None:
+            impl(registrar=registrar)
+    kernels = [k for k in registrar.kernels.values()]
+    assert kernels and all(k.framework == framework and k.name.startswith(f"{framework}:")
+                           for k in kernels)
+    assert set(registrar.dispatch_policies) == {framework}
+    targets = [s.target for s in (*registrar.backends.values(), *kernels,
+                                  *registrar.dispatch_policies.values())]
+    missing = []
+    for target in targets:
+        module, _, attr = target.partition(":")
+        assert module.startswith(f"moe_router_backends.{framework}.")
+        path = ROOT / "backends" / Path(*module.split(".")[1:]).with_suffix(".py")
+        if not path.exists() or attr not in _defined_names(path):
+            missing.append(target)
+    assert not missing, f"registered targets not defined (yet): {missing}"
+
+
+def test_registrar_refuses_bad_kernel_names() -> None:
+    registrar = Registrar()
+    registrar.kernel("torch:fast", "pkg.mod:fast", framework="torch")
+    registrar.kernel("fast", "pkg.mod:fast")
+    assert registrar.kernels["torch:fast"] == KernelSpec("torch:fast", "pkg.mod:fast", "torch")
+    assert registrar.kernels["torch:fast"].short_name == "fast"
+    for name, framework in [("fast", "torch"), ("jax:fast", "torch"), ("torch:fast", None),
+                            ("torch:", "torch"), ("auto", None), ("", None)]:
+        with pytest.raises(ValueError):
+            registrar.kernel(name, "pkg.mod:fast", framework=framework)
+    with pytest.raises(ValueError, match="kind"):
+        registrar.kernel("slow", "pkg.mod:slow", kind="rows")  # type: ignore[arg-type]
+
+
+def test_registrar_refuses_bad_metadata() -> None:
+    registrar = Registrar()
+    with pytest.raises(ValueError, match="inputs.*hidden_states"):
+        registrar.strategy("s", "pkg:s", inputs=("hidden_states",))
+    with pytest.raises(TypeError):
+        registrar.strategy("s", "pkg:s", dynamic="no")
+    with pytest.raises(TypeError):
+        registrar.strategy("s", "pkg:s", sorted_output=True)
+    with pytest.raises(ValueError, match="inputs"):
+        registrar.estimator("e", "pkg:e", inputs=("tokens",))
+    registrar.strategy("s", "pkg:s", inputs=["token_ids"])
+    assert registrar.strategies["s"].inputs == ("token_ids",)  # stored as a tuple
+
+
+# ----- plugin metadata drives the config ---------------------------------------------------------
+class MetadataPlugin:
+    """first_expert registered three times under different metadata."""
+
+    @hookimpl
+    def moe_router_register_strategies(self, registrar: Registrar) -> None:
+        registrar.strategy("first_fixed", first_expert, reads_k=True, dynamic=False)
+        registrar.strategy("first_plain", first_expert)
+        registrar.strategy("first_lookahead", first_expert, causal_safe=False,
+                           own_capacity=True, null_experts=True)
+
+    @hookimpl
+    def moe_router_register_estimators(self, registrar: Registrar) -> None:
+        registrar.estimator("batch_rank", neg_logit_margin, causal_safe=False)
+
+
+@pytest.fixture
+def metadata_plugin() -> Iterator[None]:
+    plugin = MetadataPlugin()
+    default_registry().register(plugin)
+    try:
+        yield
+    finally:
+        default_registry().unregister(plugin)
+
+
+def test_plugin_strategy_metadata_changes_derived_quantities(metadata_plugin: None) -> None:
+    E = 8
+    fixed = mr.RouterConfig(num_experts=E, strategy="first_fixed", k=3)
+    assert (fixed.max_slots, fixed.nominal_experts, fixed.is_dynamic) == (3, 3.0, False)
+    assert fixed.strategy_spec.fixed_k
+    plain = mr.RouterConfig(num_experts=E, strategy="first_plain", k=3)
+    assert (plain.max_slots, plain.nominal_experts, plain.is_dynamic) == (E, E, True)
+    assert mr.RouterConfig(num_experts=E, strategy="first_plain", k=20).k == 20  # k not read
+    with pytest.raises(mr.ConfigError) as info:
+        mr.RouterConfig(num_experts=E, strategy="first_fixed", k=20)
+    assert info.value.field == "k"
+    with pytest.raises(mr.ConfigError) as info:
+        mr.RouterConfig(num_experts=E, strategy="first_plain", num_null_experts=2)
+    assert info.value.field == "num_null_experts" and "first_lookahead" in str(info.value)
+    look = mr.RouterConfig(num_experts=E, strategy="first_lookahead", num_null_experts=2)
+    assert look.is_dynamic and look.num_choices == E + 2
+    with pytest.raises(mr.ConfigError) as info:
+        look.replace(causal=True)
+    assert info.value.field == "strategy" and "causal" in str(info.value)
+    with pytest.raises(mr.ConfigError) as info:
+        mr.RouterConfig(num_experts=E, causal=True, complexity_estimator="batch_rank")
+    assert info.value.field == "complexity_estimator"
+    # own_capacity: the capacity kernel is accepted without capacity_factor
+    mc = mr.MoEConfig(d_model=4, d_ff=8, router=look.replace(num_null_experts=0),
+                      dispatch="capacity")
+    assert mc.dispatch == "capacity"
+    with pytest.raises(mr.ConfigError):
+        mc.with_router(strategy="first_plain")
+
+
+def test_plugin_strategy_routes_with_its_metadata(metadata_plugin: None) -> None:
+    logits = _logits(T=9, E=5, seed=7)
+    plan = mr.route(logits, mr.RouterConfig(num_experts=5, strategy="first_fixed", k=1))
+    assert plan.expert_indices.shape == (9, 1)
+    np.testing.assert_array_equal(plan.expert_indices[:, 0], np.argmax(logits, axis=-1))
+
+
+# ----- kernels, dispatch policies and observers ----------------------------------------------
+def toy_kernel(*args: Any, **kwargs: Any) -> str:
+    return "toy"
+
+
+def toy_policy(request: str, *args: Any) -> str:
+    return "toy_moe_array:fast" if request == "auto" else request
+
+
+class ToyObserver:
+    name = "toy_observer"
+
+
+class KernelPlugin:
+    @hookimpl
+    def moe_router_register_kernels(self, registrar: Registrar) -> None:
+        registrar.kernel("toy_portable", toy_kernel, kind="tokens", description="a toy")
+        registrar.kernel("toy_moe_array:fast", toy_kernel, framework="toy_moe_array")
+        registrar.kernel("ghost_framework_never_installed:fast", "ghost_fw_mod:fast",
+                         framework="ghost_framework_never_installed")
+        registrar.dispatch_policy("toy_moe_array", toy_policy)
+        registrar.dispatch_policy("ghost_framework_never_installed", "ghost_fw_mod:policy")
+
+    @hookimpl
+    def moe_router_register_observers(self, registrar: Registrar) -> None:
+        registrar.observer("toy_observer", ToyObserver)
+        registrar.observer("lazy_observer", "toy_moe_strategies:worst_expert")
+
+
+@pytest.fixture
+def kernel_plugin(toy_path: Path) -> Iterator[None]:
+    plugin = KernelPlugin()
+    default_registry().register(plugin)
+    try:
+        yield
+    finally:
+        default_registry().unregister(plugin)
+
+
+def test_kernels_policies_and_observers_are_found(kernel_plugin: None) -> None:
+    registry = default_registry()
+    assert {"sorted", "toy_portable", "toy_moe_array:fast"} <= set(registry.kernel_names())
+    assert registry.kernel("toy_portable") is toy_kernel
+    assert registry.kernel_spec("toy_portable").kind == "tokens"
+    assert registry.kernel_spec("toy_moe_array:fast").framework == "toy_moe_array"
+    assert registry.dispatch_policy("toy_moe_array") is toy_policy
+    assert registry.dispatch_policy("toy_moe_array")("auto") == "toy_moe_array:fast"
+    assert {"expert_load", "toy_observer", "lazy_observer"} <= set(registry.observer_names())
+    assert registry.observer("toy_observer") is ToyObserver
+    assert "toy_moe_strategies" not in sys.modules  # registered by string: imported on use
+    assert callable(registry.observer("lazy_observer")) and "toy_moe_strategies" in sys.modules
+    with pytest.raises(mr.UnknownNameError, match="kernel='toy_portabel'.*did you mean "
+                                                   "'toy_portable'"):
+        registry.kernel("toy_portabel")
+    with pytest.raises(mr.UnknownNameError, match="observer='toy_obsever'"):
+        registry.observer("toy_obsever")
+
+
+def test_config_accepts_plugin_kernels_and_observers(kernel_plugin: None) -> None:
+    rc = mr.RouterConfig(num_experts=4)
+    for dispatch in ("auto", "sorted", "dense", "gather", "toy_portable", "toy_moe_array:fast"):
+        assert mr.MoEConfig(d_model=4, d_ff=8, router=rc, dispatch=dispatch).dispatch == dispatch
+    mc = mr.MoEConfig(d_model=4, d_ff=8, router=rc, observers=["toy_observer", "expert_load"])
+    assert mc.observers == ("toy_observer", "expert_load") and hash(mc)
+    with pytest.raises(mr.ConfigError) as info:  # an unqualified framework kernel name
+        mr.MoEConfig(d_model=4, d_ff=8, router=rc, dispatch="fast")
+    assert info.value.field == "dispatch"
+    assert "did you mean 'ghost_framework_never_installed:fast' or 'toy_moe_array:fast'?" in \
+        str(info.value)
+
+
+def test_kernel_of_a_missing_framework_is_refused(kernel_plugin: None) -> None:
+    assert "ghost_framework_never_installed" not in sys.modules
+    rc = mr.RouterConfig(num_experts=4)
+    with pytest.raises(mr.ConfigError) as info:
+        mr.MoEConfig(d_model=4, d_ff=8, router=rc, dispatch="ghost_framework_never_installed:fast")
+    assert info.value.field == "dispatch"
+    assert "'ghost_framework_never_installed', which is not installed" in str(info.value)
+    assert "sorted" in str(info.value)  # lists the portable kernels
+    assert "ghost_framework_never_installed" not in sys.modules
+
+
+def test_dispatch_policy_of_an_unregistered_framework_is_none() -> None:
+    assert Registry(load_entry_points=False).dispatch_policy("torch") is None
 
 
 # ----- hookspecs: each documented and exercised ---------------------------------------------------
@@ -456,8 +757,23 @@ def test_entry_points_register_the_framework_backends() -> None:
     assert set(FRAMEWORKS) <= set(entry_points)
     for name in FRAMEWORKS:
         registrar = Registrar()
-        entry_points[name].load().moe_router_register_backends(registrar=registrar)
+        module = entry_points[name].load()
+        module.moe_router_register_backends(registrar=registrar)
+        module.moe_router_register_kernels(registrar=registrar)
         spec = registrar.backends[name]
-        assert spec.framework == name and spec.target.startswith(f"moe_router_backends.{name}.backend:")
-    assert {"numpy", *FRAMEWORKS} <= set(Registry().backend_names())
-    assert Registry(load_entry_points=False).backend_names() == ["numpy"]
+        assert spec.framework == name
+        assert spec.target.startswith(f"moe_router_backends.{name}.backend:")
+        assert all(k.framework == name for k in registrar.kernels.values())
+    registry = Registry()
+    assert {"numpy", *FRAMEWORKS} <= set(registry.backend_names())
+    assert {"torch:grouped_mm", "torch:padded", "torch:loop", "torch:gather", "jax:tiles",
+            "jax:ragged_dot", "tensorflow:split", "tensorflow:tiles"} <= set(
+                registry.kernel_names())
+    assert registry.kernel_spec("torch:grouped_mm").static_shapes
+    assert not registry.kernel_spec("torch:padded").static_shapes
+    assert registry.kernel_spec("torch:gather").kind == "tokens"
+    assert not registry.kernel_spec("tensorflow:split").static_shapes
+    assert set(registry.collected.dispatch_policies) == set(FRAMEWORKS)
+    bare = Registry(load_entry_points=False)
+    assert bare.backend_names() == ["numpy"]
+    assert bare.kernel_names() == ["capacity", "dense", "gather", "sorted"]

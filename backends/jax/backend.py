@@ -17,17 +17,15 @@ import numpy as np
 
 from moe_router.backend import Array, Backend, DType
 from moe_router.errors import InputError
-from moe_router.plan import RoutingPlan
+from moe_router.plan import PLAN_ARRAY_FIELDS, RoutingPlan
 
-_DTYPES = {"float32": jnp.float32, "int": jnp.int32, "bool": jnp.bool_}
-_PLAN_DATA_FIELDS = ("expert_indices", "expert_weights", "num_experts_per_token",
-                     "expert_counts", "num_dropped", "router_probs", "losses", "stats", "state")
+_DTYPES = {"float32": jnp.float32, "int": jnp.int32, "int32": jnp.int32, "bool": jnp.bool_}
 
 
 def register_plan_pytree() -> None:
     """Register :class:`RoutingPlan` as a JAX pytree (idempotent; ``config`` is static)."""
     try:
-        jax.tree_util.register_dataclass(RoutingPlan, data_fields=list(_PLAN_DATA_FIELDS),
+        jax.tree_util.register_dataclass(RoutingPlan, data_fields=list(PLAN_ARRAY_FIELDS),
                                          meta_fields=["config"])
     except ValueError as err:  # registered before (module reloaded): nothing to do
         if "Duplicate" not in str(err):
@@ -70,6 +68,15 @@ class JaxBackend(Backend):
     def cast(self, x: Array, dtype: DType) -> Array:
         return jnp.asarray(x).astype(_DTYPES[dtype])
 
+    def cast_like(self, x: Array, like: Array) -> Array:
+        x = jnp.asarray(x)
+        return x if x.dtype == like.dtype else x.astype(like.dtype)
+
+    def is_host(self, x: Array) -> bool:
+        if isinstance(x, jax.core.Tracer):  # no placement while tracing
+            return False
+        return all(device.platform == "cpu" for device in x.devices())
+
     def dtype_kind(self, x: Array) -> str:
         return np.dtype(x.dtype).kind if x.dtype != jnp.bfloat16 else "f"
 
@@ -91,9 +98,6 @@ class JaxBackend(Backend):
         return jnp.full(tuple(int(s) for s in shape), value, dtype=_DTYPES[dtype])
 
     # ----- elementwise and reductions ---------------------------------------------------------
-    def exp(self, x: Array) -> Array:
-        return jnp.exp(x)
-
     def log(self, x: Array) -> Array:
         return jnp.log(x)
 
@@ -108,6 +112,18 @@ class JaxBackend(Backend):
 
     def logsumexp(self, x: Array, axis: int = -1) -> Array:
         return jax.nn.logsumexp(x, axis=axis)
+
+    def relu(self, x: Array) -> Array:
+        return jax.nn.relu(x)
+
+    def silu(self, x: Array) -> Array:
+        return jax.nn.silu(x)
+
+    def gelu(self, x: Array) -> Array:
+        return jax.nn.gelu(x, approximate=False)
+
+    def stop_gradient(self, x: Array) -> Array:
+        return jax.lax.stop_gradient(x)
 
     def where(self, cond: Array, a: Array, b: Array) -> Array:
         out = jnp.where(cond, a, b)
@@ -145,9 +161,17 @@ class JaxBackend(Backend):
         return bool(jnp.all(jnp.isfinite(x)))
 
     # ----- selection --------------------------------------------------------------------------
+    def argsort(self, x: Array, axis: int = -1) -> Array:
+        return jnp.argsort(jnp.asarray(x), axis=axis, stable=True).astype(jnp.int32)
+
     def argsort_desc(self, x: Array, axis: int = -1) -> Array:
         # negate then stable ascending sort: equal values keep ascending index order
         return jnp.argsort(-jnp.asarray(x), axis=axis, stable=True).astype(jnp.int32)
+
+    def invert_permutation(self, perm_S: Array) -> Array:
+        perm_S = jnp.asarray(perm_S).astype(jnp.int32)
+        arange_S = jnp.arange(perm_S.shape[0], dtype=jnp.int32)
+        return jnp.zeros_like(perm_S).at[perm_S].set(arange_S, unique_indices=True)
 
     def take_along_axis(self, x: Array, idx: Array, axis: int) -> Array:
         return jnp.take_along_axis(x, idx, axis=axis, mode="clip")

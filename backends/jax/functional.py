@@ -1,22 +1,24 @@
-"""Pure-JAX MoE: ``init_params(config, key)`` and ``apply(params, x, config)`` -> ``(y, plan)``.
+"""Pure-JAX MoE: ``init_params``, ``init_state`` and ``apply`` on top of the one layer step.
 
-``params`` is a plain dict with the portable names of :mod:`moe_router.weights`
-(``router.weight``, ``experts.w_up``, ...), so it is a pytree for ``jax.grad`` / optax and is
-exchangeable with ``export_weights()`` of every layer. Example::
+``params`` is a plain dict of the trainable weights with the portable names of
+:mod:`moe_router.weights` (``router.weight``, ``experts.w_up``, ...): a pytree for ``jax.grad`` /
+optax, exchangeable with every layer's ``export_weights()``. The layer's mutable state (router
+controller, aux-free expert bias, observer counters) is a separate
+:class:`~moe_router.layer.state.LayerState` pytree, threaded explicitly. Example::
 
     import jax, jax.numpy as jnp
     import moe_router as mr
-    from moe_router.flax import init_params, apply
+    from moe_router.flax import apply, init_params, init_state
 
     mc = mr.MoEConfig(d_model=64, d_ff=128, router=mr.RouterConfig(num_experts=8, k=2))
-    params = init_params(mc, jax.random.key(0))
+    params, state = init_params(mc, jax.random.key(0)), init_state(mc)
 
     @jax.jit
-    def loss_fn(params, x):
-        y, plan = apply(params, x, mc)
-        return jnp.mean(y ** 2) + plan.losses.total
+    def loss_fn(params, state, x):
+        y, plan, state = apply(params, x, mc, state=state, training=True, return_state=True)
+        return jnp.mean(y ** 2) + plan.losses.total, state
 
-    grads = jax.grad(loss_fn)(params, jnp.ones((4, 16, 64)))
+    (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, x)
 
 The ``config`` is static (hashable): close over it or pass it with ``static_argnums``.
 """
@@ -31,24 +33,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_router.api import route
 from moe_router.config import MoEConfig
-from moe_router.errors import InputError, InputTypeError
-from moe_router.plan import RouterState, RoutingPlan
-from moe_router.weights import check_weights, weight_shapes
+from moe_router.layer.state import PERSISTENT, LayerState, initial_state_arrays, state_from_arrays
+from moe_router.layer.step import layer_step
+from moe_router.plan import RoutingPlan
+from moe_router.weights import check_weights, param_shapes
 
-from . import dispatch as dp
 from .backend import JaxBackend
 
-_JAX = JaxBackend()  # stateless; passed to route() so no registry lookup happens per call
-#: strategies that read the controller :class:`RouterState` (the layers keep one for these)
-STATEFUL_STRATEGIES = ("top_p", "complexity")
+JAX = JaxBackend()  # stateless; layer_step gets it directly (no registry lookup per call)
 
 
 def init_params(config: MoEConfig, key: jax.Array,
                 dtype: Any = jnp.float32) -> dict[str, jax.Array]:
-    """Random parameters: normal(0, ``init_std``); biases and the expert bias start at zero."""
-    shapes = tuple(weight_shapes(config).items())
+    """Random trainable parameters (``param_shapes``): normal(0, ``init_std``), biases zero."""
+    shapes = tuple(param_shapes(config).items())
     return _init_normal(key, shapes, float(config.init_std), jnp.dtype(dtype))
 
 
@@ -57,136 +56,56 @@ def _init_normal(key: jax.Array, shapes: tuple[tuple[str, tuple[int, ...]], ...]
                  dtype: Any) -> dict[str, jax.Array]:
     # jitted and keyed by shapes only: configs that differ in routing share one compilation
     keys = jax.random.split(key, len(shapes))
-    params = {}
-    for (name, shape), k in zip(shapes, keys):
-        if name.endswith("bias"):
-            params[name] = jnp.zeros(shape, dtype)
-        else:
-            params[name] = std * jax.random.normal(k, shape, dtype)
-    return params
+    return {name: jnp.zeros(shape, dtype) if name.endswith("bias")
+            else std * jax.random.normal(k, shape, dtype) for (name, shape), k in zip(shapes, keys)}
 
 
 def params_from_weights(config: MoEConfig, weights: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """Portable weights (NumPy, any framework's ``export_weights()``) as JAX params, validated."""
-    return {name: jnp.asarray(v) for name, v in check_weights(config, weights).items()}
+    """The trainable part of portable weights (any layer's ``export_weights()``), validated;
+    the state entries go to :func:`init_state`."""
+    checked = check_weights(config, weights)
+    return {name: jnp.asarray(checked[name]) for name in param_shapes(config)}
 
 
-def init_state(config: MoEConfig) -> RouterState:
-    """A fresh controller state (float32 scalars), as the layers start with."""
-    values = (config.router.top_p, 0.0, 1.0, 0.0, 0.0)
-    return RouterState(*(jnp.asarray(v, jnp.float32) for v in values))
-
-
-def resolve_dispatch(config: MoEConfig, num_tokens: int, platform: str | None = None) -> str:
-    """The expert-compute method for ``num_tokens`` tokens (``config.dispatch`` unless auto)."""
-    if config.dispatch not in dp.METHODS:
-        raise InputError("config.dispatch", f"{config.dispatch!r}; the JAX backend implements "
-                         f"{', '.join(dp.METHODS)}")
-    if config.dispatch != "auto":
-        return config.dispatch
-    r = config.router
-    return dp.choose_method(platform or jax.default_backend(), num_tokens, r.max_slots,
-                            r.num_experts, r.capacity_factor is not None)
-
-
-def experts_apply(x_TD: jax.Array, ids_TK: jax.Array, weights_TK: jax.Array,
-                  params: Mapping[str, jax.Array], config: MoEConfig,
-                  method: str | None = None) -> jax.Array:
-    """Routed experts only: ``(T, D)`` out, ``sum_k weights[t, k] * expert_{ids[t, k]}(x_t)``."""
-    T = x_TD.shape[0]
-    if T == 0:  # nothing to compute (reshapes with -1 are undefined on empty arrays)
-        return jnp.zeros_like(x_TD)
-    method = method or resolve_dispatch(config, T)
-    w = {name: params[f"experts.{name}"].astype(x_TD.dtype)
-         for name in ("w_gate", "w_up", "w_down") if f"experts.{name}" in params}
-    act = config.activation
-    if method == "tiles":
-        return dp.tiles(x_TD, ids_TK, weights_TK, w, act)
-    if method == "capacity":
-        return dp.capacity(x_TD, ids_TK, weights_TK, w, act, cap=config.router.capacity(T))
-    if method == "ragged_dot":
-        return dp.ragged(x_TD, ids_TK, weights_TK, w, act)
-    if method == "gather":
-        return dp.gather(x_TD, ids_TK, weights_TK, w, act)
-    if method == "dense":
-        return dp.dense(x_TD, ids_TK, weights_TK, w, act)
-    raise InputError("dispatch", f"{method!r}; expected one of {', '.join(dp.METHODS[1:])}")
-
-
-def shared_apply(x_TD: jax.Array, params: Mapping[str, jax.Array],
-                 config: MoEConfig) -> jax.Array:
-    """The always-on shared FFN ``(T, D)`` (optionally sigmoid-gated, Qwen2-MoE)."""
-    dtype = x_TD.dtype
-    gate = x_TD @ params["shared.w_gate"].astype(dtype) if config.is_gated else None
-    hidden = dp.activate(config.activation, gate, x_TD @ params["shared.w_up"].astype(dtype))
-    out_TD = hidden @ params["shared.w_down"].astype(dtype)
-    if config.shared_expert_gate:
-        out_TD = out_TD * jax.nn.sigmoid(x_TD @ params["shared.gate"].astype(dtype))
-    return out_TD
-
-
-def check_input(x: Any, d_model: int) -> jax.Array:
-    """``x`` as a floating JAX array of shape ``(..., d_model)``; clear errors otherwise."""
-    if not isinstance(x, (jax.Array, np.ndarray)):
-        raise InputTypeError("x", f"expected a jax.Array of shape (..., {d_model}), got "
-                             f"{type(x).__name__}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise InputTypeError("x", f"expected a floating dtype (float32/bfloat16/float16/"
-                             f"float64), got {x.dtype}")
-    if x.ndim < 1 or x.shape[-1] != d_model:
-        raise InputError("x", f"expected shape (..., d_model={d_model}), got {tuple(x.shape)}")
-    return jnp.asarray(x)
-
-
-def _per_token(name: str, value: Any, T: int) -> jax.Array | None:
-    if value is None:
-        return None
-    if getattr(value, "size", None) != T:
-        raise InputError(name, f"expected one entry per token ({T}, x's leading shape), got "
-                         f"{getattr(value, 'shape', type(value).__name__)}")
-    return jnp.reshape(jnp.asarray(value), (T,))
+def init_state(config: MoEConfig, weights: Mapping[str, Any] | None = None) -> LayerState:
+    """A fresh :class:`LayerState` (what a new layer starts with); the persistent entries
+    (``router.state``, ``router.expert_bias``) are taken from ``weights`` when given."""
+    source = {} if weights is None else weights
+    arrays = {name: jnp.asarray(source.get(name, v) if name in PERSISTENT else v, v.dtype)
+              for name, v in initial_state_arrays(config).items()}
+    return state_from_arrays(JAX, arrays, config)
 
 
 def apply(params: Mapping[str, jax.Array], x: jax.Array, config: MoEConfig, *,
-          token_ids: Any = None, attention_probs: Any = None, complexity_scores: Any = None,
-          mask: Any = None, training: bool = False, state: RouterState | None = None,
-          rng: Any = None, dispatch: str | None = None) -> tuple[jax.Array, RoutingPlan]:
-    """The MoE layer as a pure function.
+          state: LayerState | None = None, training: bool = False,
+          update_state: bool | None = None, rng: Any = None, token_ids: Any = None,
+          attention_probs: Any = None, complexity_scores: Any = None, mask: Any = None,
+          dispatch: str | None = None, return_state: bool = False
+          ) -> tuple[jax.Array, RoutingPlan] | tuple[jax.Array, RoutingPlan, LayerState]:
+    """The MoE layer as a pure function (the same step as ``moe_router.flax.MoE``).
 
     Args:
-        params: portable-name dict (:func:`init_params`).
+        params: trainable portable-name dict (:func:`init_params`, :func:`params_from_weights`).
         x: ``(..., D)`` float input; leading dimensions are T tokens.
         config: the static :class:`MoEConfig`.
+        state: the :class:`LayerState` (:func:`init_state`); ``None``: a fresh one (with the
+            persistent entries of ``params`` when it holds the full export).
+        training: router noise and state updates.
+        update_state: update the state (default ``training``); ``True`` alone calibrates.
+        rng: ``jax.random`` key for router noise (training only).
         token_ids / complexity_scores / mask: one entry per token (x's leading shape).
         attention_probs: ``(T, S)`` or ``(H, T, S)`` (``attention_entropy`` estimator).
-        training: router noise and controller updates (the new state is ``plan.state``).
-        state: controller :class:`RouterState` (see :func:`init_state`).
-        rng: ``jax.random`` key for router noise (training only).
-        dispatch: force an expert-compute method (default: ``config.dispatch``).
+        dispatch: force an expert-compute kernel (default: ``config.dispatch``).
+        return_state: also return the next state.
 
     Returns:
-        ``(y, plan)``: ``y`` of ``x``'s shape and dtype, and the :class:`RoutingPlan`.
+        ``(y, plan)``, or ``(y, plan, new_state)`` with ``return_state=True``: ``y`` has ``x``'s
+        shape and dtype.
     """
-    x = check_input(x, config.d_model)
-    r = config.router
-    x_TD = jnp.reshape(x, (-1, config.d_model))
-    T = x_TD.shape[0]
-    logits_TE = x_TD.astype(jnp.float32) @ params["router.weight"].astype(jnp.float32)
-    if config.router_bias:
-        logits_TE = logits_TE + params["router.bias"].astype(jnp.float32)
-    kwargs: dict[str, Any] = {"token_ids_T": _per_token("token_ids", token_ids, T),
-                              "complexity_scores_T": _per_token("complexity_scores",
-                                                                complexity_scores, T),
-                              "mask_T": _per_token("mask", mask, T),
-                              "attention_probs": attention_probs}
-    if r.strategy == "complexity" and r.complexity_estimator == "hidden_norm":
-        kwargs["hidden_TD"] = x_TD
-    if r.use_expert_bias:
-        kwargs["expert_bias_E"] = jax.lax.stop_gradient(params["router.expert_bias"])
-    plan = route(logits_TE, r, training=training, state=state, rng=rng, backend=_JAX, **kwargs)
-    method = resolve_dispatch(config if dispatch is None else config.replace(dispatch=dispatch),
-                              T)
-    y_TD = experts_apply(x_TD, plan.expert_indices, plan.expert_weights, params, config, method)
-    if config.has_shared:
-        y_TD = y_TD + shared_apply(x_TD, params, config)
-    return jnp.reshape(y_TD, x.shape).astype(x.dtype), plan
+    if isinstance(x, np.ndarray):
+        x = jnp.asarray(x)
+    out = layer_step(JAX, params, init_state(config, params) if state is None else state, x, config,
+                     training=training, update_state=update_state, token_ids=token_ids,
+                     attention_probs=attention_probs, complexity_scores=complexity_scores,
+                     mask=mask, rng=rng, dispatch=dispatch)
+    return (out.y, out.plan, out.state) if return_state else (out.y, out.plan)

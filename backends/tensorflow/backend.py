@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from moe_router.backend import Array, Backend, DType
 
-_DTYPES = {"float32": tf.float32, "int": tf.int32, "bool": tf.bool}
+_DTYPES = {"float32": tf.float32, "int": tf.int32, "int32": tf.int32, "bool": tf.bool}
 
 
 def _is_tf(x: Any) -> bool:
@@ -66,6 +66,15 @@ class TensorFlowBackend(Backend):
         tf_dtype = _DTYPES[dtype]
         return x if x.dtype == tf_dtype else tf.cast(x, tf_dtype)
 
+    def cast_like(self, x: Array, like: Array) -> Array:
+        return x if x.dtype == like.dtype else tf.cast(x, like.dtype)
+
+    def is_host(self, x: Array) -> bool:
+        device = getattr(x, "device", "") or ""
+        if not device:  # placement not recorded: on the host unless a GPU could have taken it
+            return not tf.config.list_logical_devices("GPU")
+        return tf.DeviceSpec.from_string(device).device_type == "CPU"
+
     def dtype_kind(self, x: Array) -> str:
         d = tf.as_dtype(x.dtype)
         if d.is_bool:
@@ -86,6 +95,16 @@ class TensorFlowBackend(Backend):
     def is_tracing(self, x: Array) -> bool:
         return bool(tf.is_symbolic_tensor(x)) or not tf.executing_eagerly()
 
+    def layer_stages(self) -> Any:
+        """The layer step's TensorFlow stages (one cached instance): symbolic-shape output
+        reshape and ``route()`` outside AutoGraph (``stages.TFStages``)."""
+        stages = self.__dict__.get("_layer_stages")
+        if stages is None:
+            from .stages import TFStages
+
+            stages = self.__dict__["_layer_stages"] = TFStages(self)
+        return stages
+
     # ----- creation ---------------------------------------------------------------------------
     def arange(self, n: Any, like: Array) -> Array:
         return tf.range(tf.cast(n, tf.int32) if _is_tf(n) else int(n), dtype=tf.int32)
@@ -95,9 +114,6 @@ class TensorFlowBackend(Backend):
         return tf.fill(_shape_arg(shape), tf.constant(value, dtype=_DTYPES[dtype]))
 
     # ----- elementwise and reductions ---------------------------------------------------------
-    def exp(self, x: Array) -> Array:
-        return tf.exp(x)
-
     def log(self, x: Array) -> Array:
         return tf.math.log(x)
 
@@ -112,6 +128,18 @@ class TensorFlowBackend(Backend):
 
     def logsumexp(self, x: Array, axis: int = -1) -> Array:
         return tf.reduce_logsumexp(x, axis=axis)
+
+    def relu(self, x: Array) -> Array:
+        return tf.nn.relu(x)
+
+    def silu(self, x: Array) -> Array:
+        return tf.nn.silu(x)
+
+    def gelu(self, x: Array) -> Array:
+        return tf.nn.gelu(x, approximate=False)
+
+    def stop_gradient(self, x: Array) -> Array:
+        return tf.stop_gradient(x)
 
     def where(self, cond: Array, a: Array, b: Array) -> Array:
         if _is_tf(a) and not _is_tf(b):
@@ -152,6 +180,12 @@ class TensorFlowBackend(Backend):
         return bool(tf.reduce_all(tf.math.is_finite(x)))
 
     # ----- selection ------------------------------------------------------------------------
+    def argsort(self, x: Array, axis: int = -1) -> Array:
+        if x.dtype == tf.bool:
+            x = tf.cast(x, tf.int32)
+        # stable ascending: TF negates (ints: bitwise not) and runs top_k over the axis
+        return tf.argsort(x, axis=axis, direction="ASCENDING", stable=True)
+
     def argsort_desc(self, x: Array, axis: int = -1) -> Array:
         if x.dtype == tf.bool:
             x = tf.cast(x, tf.int32)
@@ -162,6 +196,13 @@ class TensorFlowBackend(Backend):
         # tf.math.top_k: sorted, and equal values keep ascending index order
         values, indices = tf.math.top_k(x, k=k, sorted=True)
         return values, indices
+
+    def invert_permutation(self, perm_S: Array) -> Array:
+        # a scatter, not tf.math.invert_permutation: XLA's InvertPermutation fails ("Dynamic
+        # reshape is not implemented") on some inputs whose size is unknown at trace time
+        perm_S = tf.cast(perm_S, tf.int32)
+        size = tf.shape(perm_S)
+        return tf.scatter_nd(perm_S[:, None], tf.range(size[0]), size)
 
     def take_along_axis(self, x: Array, idx: Array, axis: int) -> Array:
         rank = x.shape.rank

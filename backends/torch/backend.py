@@ -14,7 +14,8 @@ import torch
 
 from moe_router.backend import Array, Backend, DType
 
-_DTYPES = {"float32": torch.float32, "int": torch.int64, "bool": torch.bool}
+_DTYPES = {"float32": torch.float32, "int": torch.int64, "int32": torch.int32,
+           "bool": torch.bool}
 
 
 def _device(like: Any) -> torch.device | None:
@@ -52,6 +53,12 @@ class TorchBackend(Backend):
     def cast(self, x: Array, dtype: DType) -> Array:
         return x.to(_DTYPES[dtype])
 
+    def cast_like(self, x: Array, like: Array) -> Array:
+        return x.to(like.dtype)  # returns x itself when the dtype already matches
+
+    def is_host(self, x: Array) -> bool:
+        return x.device.type == "cpu"
+
     def dtype_kind(self, x: Array) -> str:
         d = x.dtype
         if d == torch.bool:
@@ -71,6 +78,16 @@ class TorchBackend(Backend):
     def is_tracing(self, x: Array) -> bool:
         return bool(torch.compiler.is_compiling())
 
+    def layer_stages(self) -> Any:
+        """The layer step's torch stages (one cached instance): float32 router logits outside
+        autocast and a short exact top-k path at inference (``stages.TorchStages``)."""
+        stages = self.__dict__.get("_layer_stages")
+        if stages is None:
+            from .stages import TorchStages
+
+            stages = self.__dict__["_layer_stages"] = TorchStages(self)
+        return stages
+
     # ----- creation ---------------------------------------------------------------------------
     def arange(self, n: Any, like: Array) -> Array:
         return torch.arange(int(n), dtype=torch.int64, device=_device(like))
@@ -81,9 +98,6 @@ class TorchBackend(Backend):
                           device=_device(like))
 
     # ----- elementwise and reductions ---------------------------------------------------------
-    def exp(self, x: Array) -> Array:
-        return torch.exp(x)
-
     def log(self, x: Array) -> Array:
         return torch.log(x)
 
@@ -98,6 +112,18 @@ class TorchBackend(Backend):
 
     def logsumexp(self, x: Array, axis: int = -1) -> Array:
         return torch.logsumexp(x, dim=axis)
+
+    def relu(self, x: Array) -> Array:
+        return torch.relu(x)
+
+    def silu(self, x: Array) -> Array:
+        return torch.nn.functional.silu(x)
+
+    def gelu(self, x: Array) -> Array:
+        return torch.nn.functional.gelu(x)  # approximate="none": the exact erf form
+
+    def stop_gradient(self, x: Array) -> Array:
+        return x.detach()
 
     def where(self, cond: Array, a: Array, b: Array) -> Array:
         if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
@@ -138,6 +164,11 @@ class TorchBackend(Backend):
         return bool(torch.isfinite(x).all())
 
     # ----- selection ------------------------------------------------------------------------
+    def argsort(self, x: Array, axis: int = -1) -> Array:
+        if x.dtype == torch.bool:
+            x = x.to(torch.int64)
+        return torch.sort(x, dim=axis, stable=True).indices
+
     def argsort_desc(self, x: Array, axis: int = -1) -> Array:
         if x.dtype == torch.bool:
             x = x.to(torch.int64)
@@ -147,6 +178,11 @@ class TorchBackend(Backend):
     def top_k(self, x: Array, k: int) -> tuple[Array, Array]:
         values, indices = torch.sort(-x, dim=-1, stable=True)
         return -values[..., :k], indices[..., :k]
+
+    def invert_permutation(self, perm_S: Array) -> Array:
+        perm_S = perm_S.to(torch.int64)
+        arange_S = torch.arange(perm_S.shape[0], dtype=torch.int64, device=perm_S.device)
+        return torch.empty_like(perm_S).scatter(0, perm_S, arange_S)
 
     def take_along_axis(self, x: Array, idx: Array, axis: int) -> Array:
         return torch.take_along_dim(x, idx, dim=axis)

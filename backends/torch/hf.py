@@ -21,16 +21,20 @@ router module gets the same output-capturing hook the replaced one had.
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from moe_router.config import MoEConfig, RouterConfig
-from moe_router.errors import InputError, InputTypeError
+from moe_router.errors import ConfigError, InputError, InputTypeError, closest
 from moe_router.weights import weight_shapes
 
-from .layers import MoE, _resolve_plugins
+from .layers import MoE, warm_registry
+from .model import moe_layers
 
 #: class name of the supported blocks -> short family name
 SUPPORTED_BLOCKS = {
@@ -119,13 +123,14 @@ def from_hf_block(block: nn.Module, **router_overrides: Any) -> MoE:
     """
     config = hf_config(block)
     if router_overrides:
-        config = config.with_router(**router_overrides)
+        config = config.with_router(**_router_changes(config.router, router_overrides))
     weights = hf_weights(block, config)
     ref = block.experts.down_proj
     layer = MoE(config, device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
         for name, tensor in layer._tensors().items():
-            tensor.copy_(weights[name].to(tensor.dtype))
+            if name in weights:  # the block has no router.state: the layer's stays fresh
+                tensor.copy_(weights[name].to(tensor.dtype))
     return layer.train(block.training)
 
 
@@ -140,14 +145,30 @@ def _install_router_logits_hook(model: nn.Module, layer: MoE) -> None:
         install_output_capuring_hook(layer.router, "router_logits", 0)
 
 
-def replace_moe_blocks(model: nn.Module, **router_overrides: Any) -> int:
+#: class names that look like a MoE block (to name the unsupported ones in an error)
+_MOE_LIKE = re.compile(r"(?i)(sparsemoeblock|moe(block|layer)?)$")
+
+
+def replace_moe_blocks(model: nn.Module, *, allow_none: bool = False,
+                       **router_overrides: Any) -> int:
     """Swap every supported Hugging Face MoE block of ``model`` for a :class:`MoE`, in place.
 
     Returns how many blocks were replaced. Outputs are unchanged (same weights and routing
     convention) unless ``router_overrides`` are given.
+
+    Raises:
+        InputError: naming ``model``, when it has no supported block (say a Phi-MoE model, or
+            a module without MoE blocks), unless ``allow_none=True`` (then 0 is returned).
     """
     targets = [(name, module) for name, module in model.named_modules()
                if type(module).__name__ in SUPPORTED_BLOCKS]
+    if not targets and not allow_none:
+        others = sorted({type(m).__name__ for m in model.modules()
+                         if _MOE_LIKE.search(type(m).__name__) and not isinstance(m, MoE)})
+        found = f"; it has unsupported MoE blocks: {', '.join(others)}" if others else ""
+        raise InputError("model", f"has no supported Hugging Face MoE block (supported: "
+                         f"{', '.join(SUPPORTED_BLOCKS)}){found}; nothing was replaced "
+                         "(pass allow_none=True to accept that)")
     for name, block in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -157,33 +178,59 @@ def replace_moe_blocks(model: nn.Module, **router_overrides: Any) -> int:
     return len(targets)
 
 
-def moe_layers(model: nn.Module) -> list[MoE]:
-    """Every moe-router :class:`MoE` inside ``model``."""
-    return [m for m in model.modules() if isinstance(m, MoE)]
+class UnknownFieldError(ConfigError, TypeError):
+    """A change names no :class:`RouterConfig` field: a :class:`ConfigError` naming it (with the
+    valid fields), and a ``TypeError`` like the one ``dataclasses.replace`` raises."""
+
+
+def _router_changes(router: RouterConfig, changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``changes`` checked against the RouterConfig fields; a new ``strategy`` without an
+    explicit ``normalize_weights`` resets it to the strategy's default (``None``)."""
+    fields = [f.name for f in dataclasses.fields(RouterConfig)]
+    for name in changes:
+        if name not in fields:
+            hint = closest(name, fields)
+            raise UnknownFieldError(name, changes[name], "a RouterConfig field"
+                                    + (f" (did you mean {hint!r}?)" if hint else "")
+                                    + f"; valid fields: {', '.join(fields)}")
+    out = dict(changes)
+    if ("strategy" in out and out["strategy"] != router.strategy
+            and "normalize_weights" not in out):
+        out["normalize_weights"] = None
+    return out
 
 
 def set_strategy(model: nn.Module, **router_changes: Any) -> int:
     """Change the routing of every :class:`MoE` in ``model`` (after ``replace_moe_blocks``).
 
-    Example: ``set_strategy(model, strategy="top_p", top_p=0.5, max_experts=4)``. Changes that
-    would alter the weight shapes (e.g. ``num_null_experts``) are refused. Returns the number of
-    layers changed; their controller state is reset.
+    Example: ``set_strategy(model, strategy="top_p", top_p=0.5, max_experts=4)``.
+
+    - A new ``strategy`` resets ``normalize_weights`` to that strategy's default (``None``:
+      ``top_k`` renormalizes, ``top_p`` does not), since a converted Mixtral block says
+      ``normalize_weights=True`` for its top-k; pass ``normalize_weights`` to choose.
+    - Every layer's router state is reset: the new routing starts with a fresh controller
+      (calibrate it again with :func:`~moe_router_backends.torch.model.calibrate`).
+    - Changes that would alter the weight shapes (e.g. ``num_null_experts``) are refused, and
+      nothing is changed when any layer refuses.
+
+    Returns the number of layers changed.
+
+    Raises:
+        UnknownFieldError: a name that is no RouterConfig field (lists the valid ones; also a
+            ``TypeError``).
+        ConfigError: an invalid value.
+        InputError: the change would alter the weight shapes.
     """
     layers = moe_layers(model)
+    configs = []
     for layer in layers:
-        new = layer.config.with_router(**router_changes)
+        new = layer.config.with_router(**_router_changes(layer.config.router, router_changes))
         if weight_shapes(new) != weight_shapes(layer.config):
             raise InputError("router_changes", f"{sorted(router_changes)} would change the "
                              "layer's weight shapes; build a new layer instead")
-        _resolve_plugins(new)
+        configs.append(new)
+    for layer, new in zip(layers, configs):
+        warm_registry(new)
         layer.config = new
         layer.reset_router_state()
     return len(layers)
-
-
-def total_aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of ``layer.aux_loss`` over the model's :class:`MoE` layers (last forward)."""
-    losses = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
-    if not losses:
-        return torch.zeros(())
-    return torch.stack([loss.float() for loss in losses]).sum()

@@ -1,14 +1,16 @@
 """``MoE``: the PyTorch Mixture-of-Experts layer built from a :class:`~moe_router.MoEConfig`.
 
-Parameters live in the portable layout of :mod:`moe_router.weights`, and the submodule names make
-``state_dict()`` keys equal the portable names (``router.weight``, ``experts.w_up``, ...).
-Routing is the core's :func:`moe_router.route` in float32 (a short exact fast path is used for
-plain top-k at inference); expert compute is :mod:`moe_router_backends.torch.kernels`.
+A thin adapter around the core's :func:`~moe_router.layer.step.layer_step`: parameters (the
+portable names of :func:`~moe_router.weights.param_shapes`) are ``nn.Parameter`` s and the flat
+layer state (:func:`~moe_router.layer.state.state_fields`) lives in buffers, both registered
+under nested submodules so that ``state_dict()`` keys equal the portable names
+(``router.weight``, ``experts.w_up``, ``router.state``, ``router.expert_bias``; observer
+counters ``observers.<name>.<field>`` are non-persistent buffers).
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,108 +18,80 @@ import numpy as np
 import torch
 from torch import nn
 
-from moe_router.api import route
 from moe_router.config import MoEConfig
-from moe_router.errors import InputError, InputTypeError
-from moe_router.losses import update_expert_bias as _bias_step
+from moe_router.errors import InputTypeError
+from moe_router.layer.observers import active_observers
+from moe_router.layer.state import (
+    PERSISTENT,
+    ROUTER_STATE,
+    LayerState,
+    initial_state_arrays,
+    state_fields,
+    state_from_arrays,
+    state_to_arrays,
+)
+from moe_router.layer.step import BIAS_STEP_UPDATES, StepOutput, bias_step, layer_step
 from moe_router.plan import RouterState, RoutingPlan
 from moe_router.registry import default_registry
-from moe_router.weights import check_weights, weight_shapes
+from moe_router.weights import check_weights, param_shapes, weight_shapes
 
 from .backend import TorchBackend
-from .kernels import DISPATCH_NAMES, activate, choose, experts_forward
+from .stages import TorchStages
 
-_STATEFUL = ("top_p", "complexity")
-_TORCH = TorchBackend()  # stateless; passed to route() so no registry lookup is traced
+_TORCH = TorchBackend()
+_DTYPES = {"float32": torch.float32, "int32": torch.int32}
 
 
-def _resolve_plugins(config: MoEConfig) -> None:
-    """Resolve the strategy (and estimator) eagerly: fails early on an unknown name, and
-    ``torch.compile`` then finds the registry built instead of tracing its construction."""
+def warm_registry(config: MoEConfig) -> None:
+    """Resolve every plugin the layer's step may look up (strategy, estimator, observers,
+    torch's dispatch policy and kernels) now, so that ``torch.compile`` finds them resolved
+    instead of tracing their import."""
     registry = default_registry()
     registry.strategy(config.router.strategy)
-    if config.router.strategy == "complexity":
-        registry.estimator(config.router.complexity_estimator)
-
-
-def _keep_float32(module: nn.Module, name: str) -> None:
-    buffer = module._buffers.get(name)
-    if buffer is not None and buffer.dtype != torch.float32:
-        module._buffers[name] = buffer.float()
+    registry.estimator(config.router.complexity_estimator)
+    active_observers(config)
+    registry.dispatch_policy(_TORCH.framework)
+    for name in registry.kernel_names():
+        if registry.kernel_spec(name).framework in (None, _TORCH.framework):
+            registry.kernel(name)
 
 
 class Router(nn.Module):
-    """Router linear layer ``(D, E + N)`` with optional bias, and the aux-free bias buffer."""
+    """Holds ``weight`` ``(D, E + N)``, ``bias``, ``state`` and ``expert_bias``; calling it gives
+    the float32 logits, so forward hooks on ``layer.router`` see them (transformers'
+    ``output_router_logits`` capture)."""
 
-    def __init__(self, config: MoEConfig) -> None:
-        super().__init__()
-        r = config.router
-        self.weight = nn.Parameter(torch.empty(config.d_model, r.num_choices))
-        self.bias = nn.Parameter(torch.zeros(r.num_choices)) if config.router_bias else None
-        if r.use_expert_bias:
-            self.register_buffer("expert_bias", torch.zeros(r.num_experts))
-        else:
-            self.expert_bias = None
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Router:
-        super()._apply(fn, recurse)
-        _keep_float32(self, "expert_bias")  # balancing state stays float32 under .half() etc.
-        return self
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """``(T, E + N)`` float32 logits, outside autocast."""
-        device = x_TD.device.type
-        if torch.is_autocast_enabled(device):
-            with torch.autocast(device, enabled=False):
-                return self._logits(x_TD)
-        return self._logits(x_TD)
-
-    def _logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        logits_TE = x_TD.float() @ self.weight.float()
-        if self.bias is not None:
-            logits_TE = logits_TE + self.bias.float()
-        return logits_TE
+    def forward(self, x_TD: torch.Tensor, config: MoEConfig) -> torch.Tensor:
+        params = {"router.weight": self.weight}
+        if config.router_bias:
+            params["router.bias"] = self.bias
+        return _TORCH.layer_stages().router_logits(x_TD, params, config)
 
 
-class Experts(nn.Module):
-    """Stacked routed experts: ``w_gate`` / ``w_up`` ``(E, D, F)``, ``w_down`` ``(E, F, D)``."""
+class _LayerStages(TorchStages):
+    """The torch stages with the router logits computed by calling the router module."""
 
-    def __init__(self, config: MoEConfig) -> None:
-        super().__init__()
-        E, D, F = config.num_experts, config.d_model, config.d_ff
-        self.w_gate = nn.Parameter(torch.empty(E, D, F)) if config.is_gated else None
-        self.w_up = nn.Parameter(torch.empty(E, D, F))
-        self.w_down = nn.Parameter(torch.empty(E, F, D))
+    def __init__(self, router: Router) -> None:
+        super().__init__(_TORCH)
+        self.router = router
+
+    def router_logits(self, x_TD: torch.Tensor, params: Mapping[str, torch.Tensor],
+                      config: MoEConfig) -> torch.Tensor:
+        return self.router(x_TD, config)
 
 
-class SharedExpert(nn.Module):
-    """Always-on FFN ``(D, Fs)`` / ``(Fs, D)`` with an optional sigmoid output gate ``(D, 1)``."""
-
-    def __init__(self, config: MoEConfig) -> None:
-        super().__init__()
-        D, Fs = config.d_model, config.shared_width
-        self.activation = config.activation
-        self.w_gate = nn.Parameter(torch.empty(D, Fs)) if config.is_gated else None
-        self.w_up = nn.Parameter(torch.empty(D, Fs))
-        self.w_down = nn.Parameter(torch.empty(Fs, D))
-        self.gate = nn.Parameter(torch.empty(D, 1)) if config.shared_expert_gate else None
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        dtype = x_TD.dtype
-        gate = x_TD @ self.w_gate.to(dtype) if self.w_gate is not None else None
-        out_TD = activate(self.activation, gate, x_TD @ self.w_up.to(dtype)) @ self.w_down.to(dtype)
-        if self.gate is not None:
-            out_TD = out_TD * torch.sigmoid(x_TD @ self.gate.to(dtype))
-        return out_TD
+def _get(module: nn.Module, name: str) -> Any:
+    return functools.reduce(getattr, name.split("."), module)
 
 
 class MoE(nn.Module):
     """Mixture-of-Experts layer: ``y = layer(x)`` for ``x`` of shape ``(..., d_model)``.
 
-    After each forward: ``layer.aux_loss`` (scalar float32, ``plan.losses.total``, add it to the
-    training loss) and ``layer.last_plan`` (the :class:`~moe_router.RoutingPlan`). With
-    ``use_expert_bias`` call ``layer.update_expert_bias()`` after ``optimizer.step()``. Router
-    noise and controller updates happen only in ``train()`` mode.
+    ``layer(x, return_plan=True)`` gives ``(y, plan)``. After each forward: ``layer.aux_loss``
+    (scalar float32, ``plan.losses.total``, add it to the training loss) and
+    ``layer.last_plan``. With ``use_expert_bias`` call ``layer.update_expert_bias()`` after
+    ``optimizer.step()``. Router noise and state updates happen in ``train()`` mode (state
+    updates also while ``layer.calibrating``).
     """
 
     def __init__(self, config: MoEConfig, *, seed: int | None = None,
@@ -126,29 +100,37 @@ class MoE(nn.Module):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise InputTypeError("config", f"expected a MoEConfig, got {type(config).__name__}")
-        if config.dispatch not in DISPATCH_NAMES:
-            raise InputError("config.dispatch", f"{config.dispatch!r}; torch implements "
-                             f"{', '.join(DISPATCH_NAMES)}")
+        warm_registry(config)
         self.config = config
-        _resolve_plugins(config)
-        self.router = Router(config)
-        self.experts = Experts(config)
-        self.shared = SharedExpert(config) if config.has_shared else None
-        r = config.router
-        self.register_buffer("router_state", torch.tensor(
-            [r.top_p, 0.0, 1.0, 0.0, 0.0], dtype=torch.float32))
-        self.register_buffer("expert_counts", torch.zeros(r.num_experts, dtype=torch.int64),
-                             persistent=False)
+        self.calibrating = False
+        self.router = Router()
+        for name, shape in param_shapes(config).items():
+            self._owner(name).register_parameter(name.rpartition(".")[2],
+                                                 nn.Parameter(torch.empty(shape)))
+        for name, value in initial_state_arrays(config).items():
+            self._owner(name).register_buffer(name.rpartition(".")[2], torch.from_numpy(value),
+                                              persistent=name in PERSISTENT)
         self._reset_parameters(seed)
         self.to(device=device, dtype=dtype)
-        self._last: dict[str, Any] = {}
+        self._last: tuple[RoutingPlan | None, Any] = (None, None)
+
+    def _owner(self, name: str) -> nn.Module:
+        """The submodule holding flat name ``name`` (created on the way: plain containers)."""
+        module: nn.Module = self
+        for part in name.split(".")[:-1]:
+            if part not in module._modules:
+                module.add_module(part, nn.Module())
+            module = module._modules[part]
+        return module
 
     def _apply(self, fn: Any, recurse: bool = True) -> MoE:
         super()._apply(fn, recurse)
-        _keep_float32(self, "router_state")  # controller state stays float32
+        for name, field in state_fields(self.config).items():  # state keeps its dtype
+            owner, leaf = self._owner(name), name.rpartition(".")[2]
+            if owner._buffers[leaf].dtype != _DTYPES[field.dtype]:
+                owner._buffers[leaf] = owner._buffers[leaf].to(_DTYPES[field.dtype])
         return self
 
-    # ----- weights ---------------------------------------------------------------------------
     def _reset_parameters(self, seed: int | None) -> None:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         with torch.no_grad():
@@ -158,17 +140,18 @@ class MoE(nn.Module):
                 else:
                     param.normal_(0.0, self.config.init_std, generator=generator)
 
+    # ----- weights ---------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
-        named = dict(self.named_parameters())
-        named.update(self.named_buffers())
-        return {name: named[name] for name in weight_shapes(self.config)}
+        """The tensors of the portable export (parameters and persistent state), by name."""
+        return {name: _get(self, name) for name in weight_shapes(self.config)}
 
     def export_weights(self) -> dict[str, np.ndarray]:
-        """The portable weights: ``moe_router.weights.weight_shapes(config)`` names, float32."""
+        """The portable weights: ``weight_shapes(config)`` names (parameters, ``router.state``,
+        ``router.expert_bias``) as float32 NumPy arrays."""
         return {name: t.detach().float().cpu().numpy().copy()
                 for name, t in self._tensors().items()}
 
-    def load_weights(self, weights: Mapping[str, Any]) -> None:
+    def import_weights(self, weights: Mapping[str, Any]) -> None:
         """Copy portable weights (validated by ``check_weights``) into this layer, in place."""
         checked = check_weights(self.config, weights)
         with torch.no_grad():
@@ -176,11 +159,10 @@ class MoE(nn.Module):
                 tensor.copy_(torch.from_numpy(checked[name]))
 
     @classmethod
-    def from_weights(cls, config: MoEConfig, weights: Mapping[str, Any],
-                     **kwargs: Any) -> MoE:
+    def from_weights(cls, config: MoEConfig, weights: Mapping[str, Any], **kwargs: Any) -> MoE:
         """A layer holding ``weights`` (the portable dict of any framework's layer)."""
         layer = cls(config, **kwargs)
-        layer.load_weights(weights)
+        layer.import_weights(weights)
         return layer
 
     @classmethod
@@ -191,170 +173,99 @@ class MoE(nn.Module):
         return from_hf_block(block, **router_overrides)
 
     # ----- state -----------------------------------------------------------------------------
-    def router_state_tuple(self) -> RouterState:
-        """The controller state buffer as a :class:`~moe_router.RouterState`."""
-        return RouterState(*self.router_state.unbind(0))
+    def layer_state(self) -> LayerState:
+        """The current :class:`~moe_router.layer.state.LayerState` (views of the buffers)."""
+        return state_from_arrays(_TORCH, {name: _get(self, name)
+                                          for name in state_fields(self.config)}, self.config)
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        """Every flat state array (``router.state``, ``router.expert_bias``, observers)."""
+        return {name: _get(self, name).detach().cpu().numpy().copy()
+                for name in state_fields(self.config)}
+
+    def _write_state(self, state: LayerState, names: tuple[str, ...]) -> None:
+        arrays = state_to_arrays(_TORCH, state)
+        with torch.no_grad():
+            for name in names:
+                _get(self, name).copy_(arrays[name])
+
+    @property
+    def router_state(self) -> RouterState:
+        """The controller state (``router.state``) as a RouterState of NumPy float32 scalars."""
+        return RouterState(*_get(self, ROUTER_STATE).detach().cpu().numpy().copy())
 
     def reset_router_state(self) -> None:
+        """A fresh controller state (top-p controller, complexity calibration)."""
+        fresh = initial_state_arrays(self.config)[ROUTER_STATE]
         with torch.no_grad():
-            self.router_state.copy_(torch.tensor([self.config.router.top_p, 0.0, 1.0, 0.0, 0.0]))
+            _get(self, ROUTER_STATE).copy_(torch.from_numpy(fresh))
 
     @torch.no_grad()
-    def update_expert_bias(self) -> None:
-        """Aux-free balancing step from the counts since the last call (then reset them).
+    def update_expert_bias(self, expert_counts: Any = None) -> torch.Tensor:
+        """Aux-free balancing step (:func:`~moe_router.layer.step.bias_step`) from the
+        ``observers.expert_load.counts`` accumulated since the last call (summed over ranks when
+        ``torch.distributed`` is initialized), or from ``expert_counts`` (``(E,)``, used as
+        given); the counts then restart from zero. Returns the new ``(E,)`` float32 bias.
 
-        Counts are summed over data-parallel ranks when ``torch.distributed`` is initialized.
+        Raises:
+            InputError: the router has no expert bias.
         """
-        bias = self.router.expert_bias
-        if bias is None:
-            raise InputError("update_expert_bias", "the router has no expert bias; set "
-                             "RouterConfig(use_expert_bias=True)")
-        counts = self.expert_counts
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts)
-        new = _bias_step(bias, counts, self.config.router.bias_update_rate)
-        bias.copy_(new.to(bias.dtype))
-        counts.zero_()
+        state = self.layer_state()
+        counts = expert_counts
+        if counts is not None:
+            counts = torch.as_tensor(counts, device=_get(self, ROUTER_STATE).device)
+        elif state.expert_bias is not None:
+            counts = state.observers["expert_load"]["counts"]
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                counts = counts.clone()
+                torch.distributed.all_reduce(counts)
+        new = bias_step(_TORCH, state, self.config, counts)
+        self._write_state(new, BIAS_STEP_UPDATES)
+        return new.expert_bias.clone()
 
     @property
     def last_plan(self) -> RoutingPlan | None:
         """The :class:`RoutingPlan` of the last forward (built on first access when the fast
         top-k path ran)."""
-        last = self._last
-        if "plan" not in last and "logits" in last:
-            last["plan"] = route(last["logits"], self.config.router, backend=_TORCH,
-                                 **last["route_kwargs"])
-        return last.get("plan")
+        plan, replan = self._last
+        if plan is None and replan is not None:
+            plan = replan()
+            self._last = (plan, None)
+        return plan
 
     @property
     def aux_loss(self) -> torch.Tensor | None:
         """``last_plan.losses.total``: scalar float32 tensor with the router's gradient."""
-        if "aux_loss" in self._last:
-            return self._last["aux_loss"]
         plan = self.last_plan
         return None if plan is None else plan.losses.total
 
     # ----- forward ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *, token_ids: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, *, return_plan: bool = False,
+                token_ids: torch.Tensor | None = None,
                 attention_probs: torch.Tensor | None = None,
                 complexity_scores: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None) -> Any:
         """Route and mix. ``x`` ``(..., D)``; ``token_ids`` / ``complexity_scores`` / ``mask``
-        have ``x``'s leading shape (flattened to ``(T,)``); ``attention_probs`` ``(T, S)`` or
-        ``(H, T, S)`` for the ``attention_entropy`` estimator."""
-        x_TD = self._check_input(x)
-        T = x_TD.shape[0]
-        if T == 0:
-            self._last = {"aux_loss": x_TD.new_zeros((), dtype=torch.float32), "plan": None}
-            return x.new_zeros(x.shape)
-        dtype = self._compute_dtype(x)
-        x_TD = x_TD.to(dtype)
-        logits_TE = self.router(x_TD)
-        kwargs = self._route_kwargs(x_TD, T, token_ids, attention_probs, complexity_scores, mask)
-        fast = self._fast_top_k(logits_TE, kwargs)
-        if fast is not None:
-            ids_TK, gates_TK = fast
-            self._last = {"logits": logits_TE, "route_kwargs": kwargs}
-        else:
-            plan = route(logits_TE, self.config.router, training=self.training, backend=_TORCH,
-                         **kwargs)
-            ids_TK, gates_TK = plan.expert_indices, plan.expert_weights
-            self._after_route(plan)
-            self._last = {"plan": plan}
-        e = self.experts
-        weights = {name: w if w.dtype == dtype else w.to(dtype)
-                   for name, w in (("w_gate", e.w_gate), ("w_up", e.w_up), ("w_down", e.w_down))
-                   if w is not None}
-        impl = choose(self.config.dispatch, x_TD, weights["w_up"], ids_TK.numel(),
-                      self.config.num_experts)
-        y_TD = experts_forward(x_TD, ids_TK, gates_TK, weights, self.config.activation, impl)
-        if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
-        return y_TD.reshape(*x.shape[:-1], y_TD.shape[-1])
-
-    def _check_input(self, x: Any) -> torch.Tensor:
-        D = self.config.d_model
-        if not isinstance(x, torch.Tensor):
-            raise InputTypeError("x", f"expected a torch.Tensor of shape (..., {D}), got "
-                                 f"{type(x).__name__}")
-        if not x.dtype.is_floating_point:
-            raise InputTypeError("x", f"expected a floating dtype (float32/bfloat16/float16/"
-                                 f"float64), got {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] != D:
-            raise InputError("x", f"expected shape (..., d_model={D}), got {tuple(x.shape)}")
-        return x.reshape(-1, D)
-
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            return torch.get_autocast_dtype(device)
-        return x.dtype
-
-    def _route_kwargs(self, x_TD: torch.Tensor, T: int, token_ids: Any, attention_probs: Any,
-                      complexity_scores: Any, mask: Any) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {}
-        for name, value in (("token_ids_T", token_ids), ("complexity_scores_T",
-                                                         complexity_scores), ("mask_T", mask)):
-            if value is not None:
-                if not isinstance(value, torch.Tensor) or value.numel() != T:
-                    raise InputError(name.removesuffix("_T"),
-                                     f"expected a tensor with one entry per token ({T}), got "
-                                     f"{getattr(value, 'shape', type(value).__name__)}")
-                kwargs[name] = value.reshape(T)
-        if attention_probs is not None:
-            kwargs["attention_probs"] = attention_probs
-        r = self.config.router
-        if r.strategy == "complexity" and r.complexity_estimator == "hidden_norm":
-            kwargs["hidden_TD"] = x_TD
-        if self.router.expert_bias is not None:
-            kwargs["expert_bias_E"] = self.router.expert_bias
-        if r.strategy in _STATEFUL:
-            kwargs["state"] = self.router_state_tuple()
-        return kwargs
-
-    def _after_route(self, plan: RoutingPlan) -> None:
-        """Training-time state updates: controller state and the counts for the bias step."""
-        if not self.training:
-            return
-        with torch.no_grad():
-            if plan.state is not None and self.config.router.strategy in _STATEFUL:
-                self.router_state.copy_(torch.stack([s.detach().float() for s in plan.state]))
-            if self.router.expert_bias is not None:
-                self.expert_counts.add_(plan.expert_counts.detach())
-
-    def _fast_top_k(self, logits_TE: torch.Tensor,
-                    kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Plain top-k at inference in a few ops (same decisions as ``route``), else ``None``."""
-        r = self.config.router
-        if (self.training or r.strategy != "top_k" or r.num_null_experts or r.balanced_debug
-                or r.capacity_factor is not None or (r.num_groups or 1) > 1
-                or r.max_slots != r.k or "mask_T" in kwargs):
-            return None
-        if (r.nan_policy == "raise" and not torch.compiler.is_compiling()
-                and not math.isfinite(float(logits_TE.detach().sum()))  # NaN/Inf propagate
-                and not bool(torch.isfinite(logits_TE).all())):  # the sum merely overflowed?
-            raise InputError("x", "router logits contain NaN or Inf (nan_policy='raise'; set "
-                             "RouterConfig(nan_policy='ignore') to route them anyway)")
-        if r.score_func == "sigmoid":
-            probs_TE = torch.sigmoid(logits_TE)
-        else:
-            probs_TE = torch.softmax(logits_TE, dim=-1)
-        scores_TE = probs_TE
-        if self.router.expert_bias is not None:
-            scores_TE = probs_TE + self.router.expert_bias.float()[None, :]
-        ids_TK = torch.sort(-scores_TE, dim=-1, stable=True).indices[:, : r.k]
-        gates_TK = torch.gather(probs_TE, 1, ids_TK)
-        if r.normalize_weights is not False:
-            total_T1 = gates_TK.sum(dim=-1, keepdim=True)
-            if r.score_func == "sigmoid":  # softmax: the top-1 probability is >= 1/E > 0
-                total_T1 = torch.where(total_T1 > 0, total_T1, 1.0)
-            gates_TK = gates_TK / total_T1
-        if r.route_scale != 1.0:
-            gates_TK = gates_TK * float(r.route_scale)
-        return ids_TK, gates_TK
+        have ``x``'s leading shape; ``attention_probs`` ``(T, S)`` or ``(H, T, S)`` for the
+        ``attention_entropy`` estimator. Returns ``y`` (``x``'s shape), or ``(y, plan)`` with
+        ``return_plan=True``. Experts run in the autocast dtype when autocast is on."""
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            device = x.device.type
+            if torch.is_autocast_enabled(device):
+                x = x.to(torch.get_autocast_dtype(device))
+        params = {name: _get(self, name) for name in param_shapes(self.config)}
+        out: StepOutput = layer_step(
+            _TORCH, params, self.layer_state(), x, self.config,
+            training=self.training and not self.calibrating,
+            update_state=self.training or self.calibrating, token_ids=token_ids,
+            attention_probs=attention_probs, complexity_scores=complexity_scores, mask=mask,
+            need_plan=return_plan, stages=_LayerStages(self.router))
+        if out.updated:
+            self._write_state(out.state, out.updated)
+        self._last = (out.plan, out.replan)
+        return (out.y, self.last_plan) if return_plan else out.y
 
     def extra_repr(self) -> str:
         c, r = self.config, self.config.router
         return (f"d_model={c.d_model}, d_ff={c.d_ff}, experts={r.num_experts}, "
                 f"strategy={r.strategy!r}, activation={c.activation!r}, dispatch={c.dispatch!r}")
-

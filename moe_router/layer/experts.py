@@ -1,0 +1,314 @@
+"""Expert compute behind one interface: permute -> grouped FFN -> unpermute.
+
+Shapes: T tokens, K slots per token, S = T*K slots, E experts, D model width, F expert width.
+
+- :func:`permute` sorts the flat slots by expert (stable: token order within an expert; unused
+  slots, ``-1``, last) and gathers their token rows: ``x_SD``, with a :class:`Permutation`.
+- A *grouped* kernel maps those rows to expert outputs ``out_SD`` (row s through expert
+  ``perm.expert_S[s]``); rows of unused slots (the tail, from ``perm.num_used`` on) must come
+  out zero. Frameworks register their fast ones (``torch:grouped_mm``, ``jax:ragged_dot``,
+  ``tensorflow:split``, ...); the portable ones are here.
+- :func:`unpermute` gathers each slot's row back through the inverse permutation and sums the K
+  slots of a token with their routing weights.
+- A *tokens* kernel skips the permutation altogether (``dense``: every expert on every token;
+  ``gather``: each slot reads its own expert's weights, for decode-sized batches).
+
+Portable dispatch names (``MoEConfig.dispatch``) mean the same on every framework: ``sorted``
+(dropless, sort-based), ``capacity`` (a static ``(E, C, D)`` buffer, C = the router's capacity),
+``dense``, ``gather``, and ``auto`` (the framework's policy picks). A framework's policy may
+answer a portable name with a faster exact kernel of its own; qualified names such as
+``torch:grouped_mm`` force one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import einops
+
+from ..backend import Array, Backend
+from ..config import MoEConfig
+
+PORTABLE = ("auto", "sorted", "capacity", "dense", "gather")
+
+
+class ExpertWeights(NamedTuple):
+    """Stacked expert matrices in the compute dtype: ``w_gate`` ``(E, D, F)`` (gated
+    activations only, else ``None``), ``w_up`` ``(E, D, F)``, ``w_down`` ``(E, F, D)``."""
+
+    w_gate: Array | None
+    w_up: Array
+    w_down: Array
+
+
+class Permutation(NamedTuple):
+    """The flat slots sorted by expert.
+
+    Attributes:
+        order_S: ``(S,)`` int flat slot id (``t * K + k``) of each sorted row.
+        token_S: ``(S,)`` int token of each sorted row.
+        expert_S: ``(S,)`` int expert of each sorted row (``E`` for unused slots, at the tail).
+        counts_E: ``(E,)`` int used rows per expert (consecutive blocks in expert order).
+        inverse_S: ``(S,)`` int sorted row of each flat slot.
+        num_slots: K, slots per token (static).
+    """
+
+    order_S: Array
+    token_S: Array
+    expert_S: Array
+    counts_E: Array
+    inverse_S: Array
+    num_slots: int
+
+
+class DispatchInfo(NamedTuple):
+    """Static facts a dispatch policy and a kernel may use.
+
+    Attributes:
+        num_tokens: T as a Python int, or ``None`` when unknown at trace time.
+        num_slots: K.
+        num_experts: E.
+        capacity: slots per expert of the router's capacity (int, int array or ``None``).
+        traced: inside ``jit`` / ``tf.function`` / ``torch.compile`` (no host reads).
+        config: the layer's :class:`MoEConfig`.
+    """
+
+    num_tokens: int | None
+    num_slots: int
+    num_experts: int
+    capacity: Any
+    traced: bool
+    config: MoEConfig
+
+
+# ----- activations and FFNs ----------------------------------------------------------------------
+def activate(b: Backend, name: str, gate: Array | None, up: Array) -> Array:
+    """Expert activation: gated ``act(gate) * up`` (swiglu, geglu) or plain ``act(up)``."""
+    if name == "swiglu":
+        return b.silu(gate) * up
+    if name == "geglu":
+        return b.gelu(gate) * up
+    if name == "gelu":
+        return b.gelu(up)
+    if name == "relu":
+        return b.relu(up)
+    if name == "silu":
+        return b.silu(up)
+    from ..errors import ConfigError
+
+    raise ConfigError("activation", name, "swiglu, geglu, gelu, relu or silu")
+
+
+def ffn(b: Backend, x: Array, w_gate: Array | None, w_up: Array, w_down: Array,
+        activation: str) -> Array:
+    """One FFN: ``(N, D)`` rows with ``(D, F)`` / ``(F, D)`` weights, or batched ``(B, N, D)``
+    rows with ``(B, D, F)`` / ``(B, F, D)`` weights."""
+    gate = None if w_gate is None else x @ w_gate
+    return activate(b, activation, gate, x @ w_up) @ w_down
+
+
+def expert_weights(b: Backend, params: Mapping[str, Array], like: Array) -> ExpertWeights:
+    """The stacked expert weights of ``params`` in ``like``'s dtype."""
+    gate = params.get("experts.w_gate")
+    return ExpertWeights(None if gate is None else b.cast_like(gate, like),
+                         b.cast_like(params["experts.w_up"], like),
+                         b.cast_like(params["experts.w_down"], like))
+
+
+def shared_expert(b: Backend, x_TD: Array, params: Mapping[str, Array],
+                  config: MoEConfig) -> Array:
+    """The always-on shared FFN ``(T, D)``, optionally sigmoid-gated (Qwen2-MoE)."""
+    gate = params.get("shared.w_gate")
+    out_TD = ffn(b, x_TD, None if gate is None else b.cast_like(gate, x_TD),
+                 b.cast_like(params["shared.w_up"], x_TD),
+                 b.cast_like(params["shared.w_down"], x_TD), config.activation)
+    if config.shared_expert_gate:
+        out_TD = out_TD * b.sigmoid(x_TD @ b.cast_like(params["shared.gate"], x_TD))
+    return out_TD
+
+
+# ----- permute / unpermute -----------------------------------------------------------------------
+def permutation(b: Backend, ids_TK: Array, num_experts: int) -> Permutation:
+    """Stable sort of the flat slots by expert (unused slots last)."""
+    K = b.shape(ids_TK)[1]
+    assert K is not None
+    flat_S = b.reshape(ids_TK, (-1,))
+    key_S = b.where(flat_S >= 0, flat_S, num_experts)
+    order_S = b.argsort(key_S, axis=-1)
+    return Permutation(order_S=order_S, token_S=order_S // K,
+                       expert_S=b.take_along_axis(key_S, order_S, axis=0),
+                       counts_E=b.bincount(flat_S, num_experts),
+                       inverse_S=b.invert_permutation(order_S), num_slots=int(K))
+
+
+def permute(b: Backend, x_TD: Array, ids_TK: Array,
+            num_experts: int) -> tuple[Array, Permutation]:
+    """``(x_SD, perm)``: each slot's token row, sorted by expert."""
+    perm = permutation(b, ids_TK, num_experts)
+    return b.gather_rows(x_TD, perm.token_S), perm
+
+
+def unpermute(b: Backend, out_SD: Array, perm: Permutation, gates_TK: Array) -> Array:
+    """``y_TD = sum_k gates[t, k] * out[row of slot (t, k)]`` (unused slots have weight 0)."""
+    K = perm.num_slots
+    out_TKD = einops.rearrange(b.gather_rows(out_SD, perm.inverse_S), "(t k) d -> t k d", k=K)
+    gates_T1K = einops.rearrange(b.cast_like(gates_TK, out_SD), "t k -> t 1 k")
+    return einops.rearrange(gates_T1K @ out_TKD, "t 1 d -> t d")
+
+
+def _offsets(b: Backend, counts_E: Array) -> Array:
+    """Exclusive cumulative sum: first sorted row of each expert."""
+    return b.cumsum(counts_E, axis=0) - counts_E
+
+
+def _rows_to_buffer(b: Backend, x_SD: Array, perm: Permutation, capacity: Any) -> Array:
+    """Sorted rows into an ``(E * C, D)`` buffer: expert e's rank-c row at ``e * C + c``;
+    buffer rows beyond an expert's count read zero."""
+    E = b.shape(perm.counts_E)[0]
+    rows_R = b.arange(E * capacity, like=perm.order_S)
+    expert_R = rows_R // capacity
+    rank_R = rows_R - expert_R * capacity
+    valid_R = rank_R < b.gather_rows(perm.counts_E, expert_R)
+    S = b.dim(x_SD, 0)
+    src_R = b.minimum(b.gather_rows(_offsets(b, perm.counts_E), expert_R) + rank_R, S - 1)
+    return b.where(valid_R[:, None], b.gather_rows(x_SD, src_R), 0.0)
+
+
+def _buffer_to_rows(b: Backend, out_RD: Array, perm: Permutation, capacity: Any) -> Array:
+    """Inverse of :func:`_rows_to_buffer`: each sorted row's output; unused rows zero."""
+    E = b.shape(perm.counts_E)[0]
+    S = b.dim(perm.expert_S, 0)
+    used_S = perm.expert_S < E
+    expert_S = b.minimum(perm.expert_S, E - 1)
+    rank_S = b.arange(S, like=perm.order_S) - b.gather_rows(_offsets(b, perm.counts_E), expert_S)
+    keep_S = used_S & (rank_S < capacity)
+    row_S = b.where(keep_S, expert_S * capacity + rank_S, 0)
+    return b.where(keep_S[:, None], b.gather_rows(out_RD, row_S), 0.0)
+
+
+def _buffered_ffn(b: Backend, x_SD: Array, perm: Permutation, w: ExpertWeights,
+                  activation: str, capacity: Any) -> Array:
+    x_ECD = einops.rearrange(_rows_to_buffer(b, x_SD, perm, capacity), "(e c) d -> e c d",
+                             e=b.shape(perm.counts_E)[0])
+    out_ECD = ffn(b, x_ECD, w.w_gate, w.w_up, w.w_down, activation)
+    return _buffer_to_rows(b, einops.rearrange(out_ECD, "e c d -> (e c) d"), perm, capacity)
+
+
+# ----- portable kernels --------------------------------------------------------------------------
+def sorted_padded(b: Backend, x_SD: Array, perm: Permutation, w: ExpertWeights, activation: str,
+                  info: DispatchInfo) -> Array:
+    """Portable dropless grouped FFN: the sorted rows padded to the largest expert's count
+    (read on the host when eager; T when traced) and one batched FFN over ``(E, C, D)``."""
+    if info.traced or info.num_tokens is None:
+        capacity = b.dim(x_SD, 0) // perm.num_slots  # T: no expert can get more
+    else:
+        capacity = max(1, int(b.to_numpy(b.max(perm.counts_E))))
+    return _buffered_ffn(b, x_SD, perm, w, activation, capacity)
+
+
+def capacity(b: Backend, x_SD: Array, perm: Permutation, w: ExpertWeights, activation: str,
+             info: DispatchInfo) -> Array:
+    """Static ``(E, C, D)`` buffer with C = the router's capacity; routing has already dropped
+    (and counted) every slot beyond it, so this is exact."""
+    if info.capacity is None:
+        from ..errors import ConfigError
+
+        raise ConfigError("dispatch", "capacity", "a router with capacity_factor set (routing "
+                          "then drops and counts the overflow); use 'sorted' for dropless")
+    return _buffered_ffn(b, x_SD, perm, w, activation, info.capacity)
+
+
+def dense(b: Backend, x_TD: Array, ids_TK: Array, gates_TK: Array, w: ExpertWeights,
+          activation: str, info: DispatchInfo) -> Array:
+    """Every expert on every token, combined with the dense ``(T, E)`` routing weights
+    (E/K times the routed FLOPs: a static-shape fallback and a debugging aid)."""
+    onehot_TKE = b.cast_like(b.one_hot(ids_TK, info.num_experts, dtype="float32"), x_TD)
+    combine_TE = einops.einsum(onehot_TKE, b.cast_like(gates_TK, x_TD), "t k e, t k -> t e")
+    x_1TD = einops.rearrange(x_TD, "t d -> 1 t d")
+    gate = None if w.w_gate is None else x_1TD @ w.w_gate
+    out_ETD = activate(b, activation, gate, x_1TD @ w.w_up) @ w.w_down
+    return einops.einsum(combine_TE, out_ETD, "t e, e t d -> t d")
+
+
+def gather(b: Backend, x_TD: Array, ids_TK: Array, gates_TK: Array, w: ExpertWeights,
+           activation: str, info: DispatchInfo) -> Array:
+    """Each slot gathers its own expert's weights: reads only the active experts (decode)."""
+    K = info.num_slots
+    ids_S = b.maximum(b.reshape(ids_TK, (-1,)), 0)
+    x_S1D = einops.repeat(x_TD, "t d -> (t k) 1 d", k=K)
+    gate = None if w.w_gate is None else x_S1D @ b.gather_rows(w.w_gate, ids_S)
+    hidden = activate(b, activation, gate, x_S1D @ b.gather_rows(w.w_up, ids_S))
+    out_TKD = einops.rearrange(hidden @ b.gather_rows(w.w_down, ids_S), "(t k) 1 d -> t k d", k=K)
+    used_TK = b.cast_like(ids_TK >= 0, x_TD) * b.cast_like(gates_TK, x_TD)
+    return einops.rearrange(einops.rearrange(used_TK, "t k -> t 1 k") @ out_TKD, "t 1 d -> t d")
+
+
+# ----- resolution and the expert stage -----------------------------------------------------------
+def slots_per_expert(b: Backend, config: MoEConfig | Any, num_tokens: Any, like: Array) -> Any:
+    """The router's capacity C for T tokens (slots each expert may take), or ``None`` (dropless).
+
+    A strategy with its own capacity (``expert_choice``): C = ceil(T * factor / E) capped at T,
+    factor = ``capacity_factor`` or ``k``. Others: C = ceil(cf * T * nominal_experts / E)
+    (:meth:`RouterConfig.capacity`). A Python int for a static T, else an int scalar array.
+    """
+    r = config.router if isinstance(config, MoEConfig) else config
+    own = r.strategy_spec.own_capacity
+    if r.capacity_factor is None and not own:
+        return None
+    if own:
+        factor = r.capacity_factor if r.capacity_factor is not None else float(r.k)
+    else:
+        factor = r.capacity_factor * r.nominal_experts
+    if isinstance(num_tokens, int):
+        if not own:
+            return r.capacity(num_tokens)
+        return min(num_tokens, max(1, math.ceil(round(num_tokens * factor / r.num_experts, 9))))
+    T_f = b.cast(b.asarray(num_tokens, like=like), "float32")
+    slots = b.maximum(b.ceil(T_f * (factor / r.num_experts)), 1.0)
+    return b.cast(b.minimum(slots, T_f) if own else slots, "int")
+
+
+def default_policy(request: str, info: DispatchInfo) -> str:
+    """Portable policy (no framework kernel): ``auto`` -> ``gather`` for T*K < E, else
+    ``capacity`` when the router has one, else ``sorted``."""
+    if request != "auto":
+        return request
+    if info.num_tokens is not None and info.num_tokens * info.num_slots < info.num_experts:
+        return "gather"
+    return "capacity" if info.capacity is not None else "sorted"
+
+
+def resolve_kernel(b: Backend, request: str, info: DispatchInfo, x_TD: Array) -> str:
+    """The kernel name ``request`` (a portable or qualified dispatch name) resolves to."""
+    if ":" in request:
+        return request
+    from ..registry import default_registry
+
+    policy = default_registry().dispatch_policy(b.framework)
+    chosen = policy(request, info, x_TD) if policy is not None else None
+    return chosen or default_policy(request, info)
+
+
+def expert_compute(b: Backend, x_TD: Array, ids_TK: Array, gates_TK: Array,
+                   params: Mapping[str, Array], config: MoEConfig, request: str | None = None,
+                   traced: bool = False) -> Array:
+    """``(T, D)``: sum over used slots of ``gate * expert(x)`` with the resolved kernel."""
+    from ..registry import default_registry
+
+    T = b.dim(x_TD, 0)
+    K = b.shape(ids_TK)[1]
+    num_tokens = T if isinstance(T, int) else None
+    info = DispatchInfo(num_tokens=num_tokens, num_slots=int(K), num_experts=config.num_experts,
+                        capacity=slots_per_expert(b, config, T, x_TD), traced=traced,
+                        config=config)
+    name = resolve_kernel(b, request or config.dispatch, info, x_TD)
+    registry = default_registry()
+    spec, kernel = registry.kernel_spec(name), registry.kernel(name)
+    w = expert_weights(b, params, x_TD)
+    if spec.kind == "tokens":
+        return kernel(b, x_TD, ids_TK, gates_TK, w, config.activation, info)
+    x_SD, perm = permute(b, x_TD, ids_TK, config.num_experts)
+    out_SD = kernel(b, x_SD, perm, w, config.activation, info)
+    return unpermute(b, out_SD, perm, gates_TK)

@@ -1,0 +1,108 @@
+"""The layer's mutable state as one immutable value: :class:`LayerState`.
+
+Everything a MoE layer changes between calls lives here, and nowhere else: the router controller
+state (top-p controller, complexity calibration), the aux-loss-free expert bias and the
+observers' counters. The step takes a ``LayerState`` and returns the next one; each framework
+stores it its own way (torch buffers, nnx Variables, Keras non-trainable weights) through the
+flat ``name -> array`` form of :func:`state_to_arrays` / :func:`state_from_arrays`, so an adapter
+never needs to know what the fields are.
+
+Flat names (also the storage names of the adapters):
+
+=================================  ==========  =========  ===========================================
+name                               shape       dtype      meaning
+=================================  ==========  =========  ===========================================
+``router.state``                   ``(5,)``    float32    :class:`~moe_router.RouterState` fields
+                                                          in order (top_p, score_mean, score_var,
+                                                          score_count, k_offset); exported
+``router.expert_bias``             ``(E,)``    float32    aux-free balancing bias; exported;
+                                                          only with ``use_expert_bias``
+``observers.<name>.<field>``       observer's  observer's counters of an active observer
+                                                          (transient: not exported)
+=================================  ==========  =========  ===========================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..backend import Array, Backend
+from ..config import MoEConfig
+from ..plan import RouterState
+from ..weights import initial_router_state
+from .observers import StateField, active_observers
+
+ROUTER_STATE = "router.state"
+EXPERT_BIAS = "router.expert_bias"
+OBSERVER_PREFIX = "observers."
+#: names of the state that :meth:`export_weights` carries between frameworks
+PERSISTENT = (ROUTER_STATE, EXPERT_BIAS)
+
+
+class LayerState(NamedTuple):
+    """All mutable state of one MoE layer (a pytree: JAX carries it through ``jit``).
+
+    Attributes:
+        router: the controller :class:`~moe_router.RouterState` (float32 scalars).
+        expert_bias: ``(E,)`` float32 aux-free balancing bias, or ``None``.
+        observers: observer name -> field name -> array (see :mod:`moe_router.layer.observers`).
+    """
+
+    router: RouterState
+    expert_bias: Array | None
+    observers: Mapping[str, Mapping[str, Array]]
+
+
+def state_fields(config: MoEConfig) -> dict[str, StateField]:
+    """Every flat state name of ``config``'s layer with its shape, dtype and initial value."""
+    r = config.router
+    fields = {ROUTER_STATE: StateField((5,), "float32", tuple(initial_router_state(config)))}
+    if r.use_expert_bias:
+        fields[EXPERT_BIAS] = StateField((r.num_experts,), "float32")
+    for observer in active_observers(config):
+        for field, spec in observer.fields(config).items():
+            fields[f"{OBSERVER_PREFIX}{observer.name}.{field}"] = spec
+    return fields
+
+
+def initial_state_arrays(config: MoEConfig) -> dict[str, np.ndarray]:
+    """The flat initial state as NumPy arrays (what adapters copy into their storage)."""
+    return {name: field.initial() for name, field in state_fields(config).items()}
+
+
+def state_from_arrays(b: Backend, arrays: Mapping[str, Array], config: MoEConfig) -> LayerState:
+    """A :class:`LayerState` from the flat ``name -> array`` form (arrays of backend ``b``)."""
+    vector = arrays[ROUTER_STATE]
+    router = RouterState(*(vector[i] for i in range(5)))
+    observers: dict[str, dict[str, Array]] = {}
+    for name, value in arrays.items():
+        if name.startswith(OBSERVER_PREFIX):
+            observer, _, field = name[len(OBSERVER_PREFIX):].rpartition(".")
+            observers.setdefault(observer, {})[field] = value
+    return LayerState(router=router, expert_bias=arrays.get(EXPERT_BIAS), observers=observers)
+
+
+def state_to_arrays(b: Backend, state: LayerState) -> dict[str, Array]:
+    """The flat ``name -> array`` form of ``state`` (inverse of :func:`state_from_arrays`)."""
+    vector = b.concat([b.reshape(b.cast(v, "float32"), (1,)) for v in state.router], axis=0)
+    arrays: dict[str, Array] = {ROUTER_STATE: vector}
+    if state.expert_bias is not None:
+        arrays[EXPERT_BIAS] = state.expert_bias
+    for observer, values in state.observers.items():
+        for field, value in values.items():
+            arrays[f"{OBSERVER_PREFIX}{observer}.{field}"] = value
+    return arrays
+
+
+def initial_state(b: Backend, config: MoEConfig, like: Any = None) -> LayerState:
+    """A fresh :class:`LayerState` of backend ``b`` (on ``like``'s device)."""
+    arrays = {name: b.asarray(value, dtype=_dtype_name(value), like=like)
+              for name, value in initial_state_arrays(config).items()}
+    return state_from_arrays(b, arrays, config)
+
+
+def _dtype_name(value: np.ndarray) -> str:
+    return "int32" if value.dtype == np.int32 else "float32"
