@@ -8,11 +8,12 @@ weights (the torch layer is built from the Flax layer's ``export_weights()``).
 
 Columns (medians, milliseconds, whole layer: router GEMM + routing + dispatch + experts):
 - ``dense eq``: one SwiGLU FFN on T*k tokens through one expert (the same FLOPs), jitted.
-- one column per dispatch method of ``moe_router.flax.MoE`` (``jax.jit`` of the functional
-  apply, which the layer calls): ``auto`` and what it resolves to, ``tiles``, ``ragged_dot``,
-  ``gather`` (only while T*k <= 64: it copies a weight matrix per slot), ``dense``;
-  ``capacity`` runs a router with ``capacity_factor=1.25`` (it drops overflow: not the same
-  output, reported for reference).
+- one column per dispatch name of ``moe_router.flax.MoE`` (``jax.jit`` of the functional
+  apply: the same layer step): ``auto`` and the kernel it resolves to, ``jax:tiles``,
+  ``jax:ragged_dot``, ``sorted`` (resolved by the JAX policy), ``gather`` (only while
+  T*k <= 64: it copies a weight matrix per slot), ``dense``; ``capacity`` runs a router with
+  ``capacity_factor=1.25`` (it drops overflow: not the same output, reported for reference).
+  ``--methods`` also takes the old short names ``tiles`` / ``ragged_dot``.
 - ``torch``: ``moe_router.torch.MoE`` under ``torch.inference_mode`` (when importable), timed
   in a child process right after the JAX rows of the same T (see :func:`torch_ms`).
 - ``eff``: dense eq / auto (target >= 0.6 at T=4096); ``vs torch``: auto / torch (target
@@ -49,13 +50,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import moe_router as mr  # noqa: E402
-from moe_router_backends.jax import dispatch as dp  # noqa: E402
-from moe_router_backends.jax.functional import resolve_dispatch  # noqa: E402
 from moe_router.flax import apply, params_from_weights  # noqa: E402
+from moe_router.layer.experts import dispatch_info, ffn, resolve_kernel  # noqa: E402
 from moe_router.weights import init_weights  # noqa: E402
+from moe_router_backends.jax.functional import JAX  # noqa: E402
 
 D, FF, E, K = 512, 1024, 8, 2
-METHODS = ("auto", "tiles", "capacity", "ragged_dot", "gather", "dense")
+METHODS = ("auto", "jax:tiles", "capacity", "jax:ragged_dot", "gather", "dense")
+#: names the script took before the kernels were qualified
+ALIASES = {"tiles": "jax:tiles", "ragged_dot": "jax:ragged_dot"}
 
 
 def config(dispatch: str = "auto", capacity_factor: float | None = None) -> mr.MoEConfig:
@@ -90,10 +93,10 @@ def jax_fns(T: int, weights: dict[str, np.ndarray], methods: tuple[str, ...]
     x = jnp.asarray(rng.standard_normal((T, D)).astype(np.float32))
     x_eq = jnp.asarray(rng.standard_normal((T * K, D)).astype(np.float32))
     params = params_from_weights(config(), weights)
-    expert0 = {name: params[f"experts.{name}"][0] for name in ("w_gate", "w_up", "w_down")}
-    dense_eq = jax.jit(lambda x: dp.ffn(x, expert0, "swiglu"))
+    expert0 = [params[f"experts.{name}"][0] for name in ("w_gate", "w_up", "w_down")]
+    dense_eq = jax.jit(lambda x: ffn(JAX, x, *expert0, "swiglu"))
     fns: dict[str, Callable[[], object]] = {"dense eq": lambda: dense_eq(x_eq).block_until_ready()}
-    notes = {"auto": resolve_dispatch(config(), T)}
+    notes = {"auto": resolve_kernel(JAX, "auto", dispatch_info(JAX, config(), x, K), x)}
     for method in methods:
         if method == "gather" and T * K > 64:
             continue
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     weights = init_weights(config(), seed=0)
     weights_path = Path(tempfile.mkdtemp()) / "weights.npz"
     np.savez(weights_path, **weights)
-    methods = tuple(m for m in args.methods.split(",") if m)
+    methods = tuple(ALIASES.get(m, m) for m in args.methods.split(",") if m)
     rows = []
     for T in (int(t) for t in args.tokens.split(",")):
         fns, notes = jax_fns(T, weights, methods)

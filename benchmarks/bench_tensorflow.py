@@ -2,10 +2,12 @@
 
 Sizes: d=512, f=1024, E=8, k=2, SwiGLU, float32, T in {1, 16, 256, 4096}, all inside
 ``tf.function``. Rows:
-- ``layer split``: ``moe_router.keras.MoE`` (dispatch ``split``: router, ``route()``, sorted
-  slots, per-expert matmuls, weighted segment sum) in ``tf.function``;
+- ``layer auto``: ``moe_router.keras.MoE`` with the default dispatch (``auto``, which is
+  ``tensorflow:split`` in ``tf.function``: router, ``route()``, the core's permutation by expert,
+  per-expert matmuls, unpermute) in ``tf.function``;
 - ``layer tiles (XLA)`` / ``layer capacity 1.25 (XLA)``: the same layer under ``jit_compile=True``
-  (dropless tiles; capacity buffer with ``capacity_factor=1.25``, which may drop slots);
+  (``tensorflow:tiles``, dropless; the portable ``capacity`` buffer with
+  ``capacity_factor=1.25``, which may drop slots);
 - ``all experts + mask``: every expert on every token, combined with the top-k weights (what
   keras-hub's Mixtral / Qwen-MoE layers do), ``tf.function``;
 - ``dense-equivalent``: one SwiGLU FFN over T*k rows with one expert's weights (same FLOPs as the
@@ -39,8 +41,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import moe_router as mr  # noqa: E402
-from moe_router_backends.tensorflow.dispatch import ffn  # noqa: E402
-from moe_router.keras import MoE  # noqa: E402
+from moe_router.keras import MoE, TensorFlowBackend  # noqa: E402
+from moe_router.layer.experts import ffn  # noqa: E402
 from moe_router.weights import init_weights  # noqa: E402
 
 D, F, E, K = 512, 1024, 8, 2
@@ -90,7 +92,7 @@ def dense_equivalent(weights: dict[str, np.ndarray]) -> Callable[[tf.Tensor], tf
 
     @tf.function
     def forward(x_ND: tf.Tensor) -> tf.Tensor:
-        return ffn(x_ND, w_gate, w_up, w_down, "swiglu")
+        return ffn(TensorFlowBackend(), x_ND, w_gate, w_up, w_down, "swiglu")
 
     return forward
 
@@ -103,14 +105,15 @@ def layer_fn(config: mr.MoEConfig, weights: dict[str, np.ndarray],
 
 def run(tokens: list[int], repeats: int, console: Console) -> list[dict[str, float]]:
     rc = mr.RouterConfig(num_experts=E, k=K)
-    config = mr.MoEConfig(d_model=D, d_ff=F, router=rc, dispatch="split")
+    config = mr.MoEConfig(d_model=D, d_ff=F, router=rc)  # dispatch "auto"
     weights = init_weights(config, seed=0)
     weights["router.weight"] *= 10.0  # a router with opinions (not near-uniform)
     layers = {
-        "layer split": layer_fn(config, weights, jit=False),
-        "layer tiles (XLA)": layer_fn(config.replace(dispatch="tiles"), weights, jit=True),
+        "layer auto": layer_fn(config, weights, jit=False),
+        "layer tiles (XLA)": layer_fn(config.replace(dispatch="tensorflow:tiles"), weights,
+                                      jit=True),
         "layer capacity 1.25 (XLA)": layer_fn(
-            config.replace(dispatch="capacity").with_router(capacity_factor=1.25), weights,
+            config.with_router(capacity_factor=1.25).replace(dispatch="capacity"), weights,
             jit=True),
     }
     masked = masked_all_experts(weights)
@@ -124,9 +127,9 @@ def run(tokens: list[int], repeats: int, console: Console) -> list[dict[str, flo
         fns = {"dense-equivalent": lambda: dense(x_rep), "all experts + mask": lambda: masked(x)}
         fns.update({name: (lambda fn=fn: fn(x)) for name, fn in layers.items()})
         row: dict[str, float] = {"T": T, **interleaved_median_ms(fns, reps)}
-        row["efficiency split"] = row["dense-equivalent"] / row["layer split"]
+        row["efficiency auto"] = row["dense-equivalent"] / row["layer auto"]
         row["efficiency tiles (XLA)"] = row["dense-equivalent"] / row["layer tiles (XLA)"]
-        row["speedup vs mask"] = row["all experts + mask"] / row["layer split"]
+        row["speedup vs mask"] = row["all experts + mask"] / row["layer auto"]
         rows.append(row)
         console.print(f"T={T} done", style="dim")
     return rows

@@ -6,17 +6,18 @@ Sizes: d=512, f=1024, E=8, k=2, SwiGLU, float32, CPU, inference (``torch.inferen
 Every implementation gets the same weights (our layer is built with ``MoE.from_hf``).
 
 Columns (medians, milliseconds):
-- ``ours``: ``moe_router.torch.MoE`` (routing + dispatch + experts), ``dispatch="auto"``.
+- ``ours``: ``moe_router.torch.MoE`` (routing + dispatch + experts), ``dispatch="auto"``; the
+  ``dispatch`` column names the kernel ``auto`` resolved to (``torch:<name>`` or a portable one).
 - ``ours gmm`` / ``ours loop`` / ``ours padded``: the same layer with ``dispatch`` forced to
-  that implementation.
+  ``torch:grouped_mm`` / ``torch:loop`` / ``torch:padded``.
 - ``hf eager`` / ``hf grouped_mm``: ``MixtralSparseMoeBlock`` with
   ``config._experts_implementation`` set to that name (router included).
 - ``dense eq``: one SwiGLU FFN on T*k tokens (same FLOPs as the routed experts).
 - ``floor``: a batched matmul streaming each active expert's weights once, tokens split evenly
   over the min(E, T*k) active experts (the memory-bound floor at small T, FLOP-bound at large T).
-- ``route``: our router GEMM and top-k alone.
-- ``route+perm``: our routing (router GEMM, top-k) and permutation (sort, gather, un-permute,
-  combine) alone; ``share`` is its fraction of ``ours``.
+- ``route``: our router GEMM and top-k alone (the layer's inference fast path).
+- ``route+perm``: our routing (router GEMM, top-k) and the core's permutation (sort, gather,
+  un-permute, combine) alone; ``share`` is its fraction of ``ours``.
 Implementations are timed round-robin over 4 weight copies each (weights come from memory, code
 stays warm; see :func:`interleaved_ms`), median of ``--repeats`` rounds (a quarter of them, at
 least 8, for T >= 1024).
@@ -44,10 +45,13 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moe_router_backends.torch.kernels import choose  # noqa: E402
-from moe_router.torch import MoE  # noqa: E402
+from moe_router.layer.experts import dispatch_info, permute, resolve_kernel, unpermute  # noqa: E402,E501
+from moe_router.torch import MoE, TorchBackend  # noqa: E402
 
 D, FF, E, K = 512, 1024, 8, 2
+B = TorchBackend()
+#: forced kernels: row key -> dispatch name
+FORCED = {"grouped_mm": "torch:grouped_mm", "loop": "torch:loop", "padded": "torch:padded"}
 #: ``wall``: elapsed time; ``cpu``: CPU time of the process (all threads), which a busy shared
 #: machine inflates much less (time spent preempted is not counted)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -92,20 +96,18 @@ def hf_block(implementation: str, seed: int = 0) -> torch.nn.Module:
 
 def routing_only(layer: MoE, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Our router GEMM and top-k selection (the layer's inference fast path)."""
-    return layer._fast_top_k(layer.router(x_TD), {})
+    logits_TE = layer.router(x_TD, layer.config)
+    fast = B.layer_stages().fast_select(logits_TE, layer.config.router, {})
+    assert fast is not None
+    return fast
 
 
 def routing_and_permute(layer: MoE, x_TD: torch.Tensor) -> torch.Tensor:
-    """Our layer's work minus the expert GEMMs: router, top-k, sort, gather, un-permute, combine."""
-    logits = layer.router(x_TD)
-    ids_TK, gates_TK = layer._fast_top_k(logits, {})
-    T = x_TD.shape[0]
-    key_S = ids_TK.reshape(-1)
-    key_sorted_S, slot_S = torch.sort(key_S, stable=True)
-    torch.searchsorted(key_sorted_S, torch.arange(1, E + 1))
-    rows_SD = x_TD[slot_S // K]
-    out_TKD = torch.zeros_like(rows_SD).index_copy(0, slot_S, rows_SD).reshape(T, K, -1)
-    return torch.bmm(gates_TK[:, None, :], out_TKD)[:, 0]
+    """Our layer's work minus the expert GEMMs: router, top-k, and the core's permutation (sort,
+    gather) and un-permutation (gather back, combine)."""
+    ids_TK, gates_TK = routing_only(layer, x_TD)
+    rows_SD, perm = permute(B, x_TD, ids_TK, E)
+    return unpermute(B, rows_SD, perm, gates_TK)
 
 
 def floor_fn(weights: dict[str, torch.Tensor], T: int) -> Callable[[], torch.Tensor]:
@@ -133,8 +135,8 @@ def run(tokens: list[int], repeats: int, out: Path, console: Console,
     for g, e in zip(grouped, eagers):
         g.load_state_dict(e.state_dict())
     layers = [MoE.from_hf(e).eval() for e in eagers]
-    forced = {name: [MoE.from_weights(m.config.replace(dispatch=name), m.export_weights()).eval()
-                     for m in layers] for name in ("grouped_mm", "loop", "padded")}
+    forced = {key: [MoE.from_weights(m.config.replace(dispatch=name), m.export_weights()).eval()
+                    for m in layers] for key, name in FORCED.items()}
     weights = [{n: getattr(layer.experts, n).detach().contiguous()
                 for n in ("w_gate", "w_up", "w_down")} for layer in layers]
     rows = []
@@ -142,7 +144,9 @@ def run(tokens: list[int], repeats: int, out: Path, console: Console,
         for T in tokens:
             x = torch.randn(1, T, D, generator=torch.Generator().manual_seed(T))
             torch.testing.assert_close(layers[0](x), eagers[0](x), atol=1e-5, rtol=1e-4)
-            impl = choose(layers[0].config.dispatch, x[0], weights[0]["w_up"], T * K, E)
+            config = layers[0].config
+            impl = resolve_kernel(B, config.dispatch, dispatch_info(B, config, x[0], K), x[0])
+            impl = impl.removeprefix("torch:")  # the table's names: gather, padded, loop, ...
             reps = repeats if T < 1024 else max(2 * COPIES, repeats // 4)
             timed = interleaved_ms({
                 "ours_ms": [functools.partial(m, x) for m in layers],

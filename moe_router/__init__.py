@@ -15,6 +15,7 @@ from .errors import (
     InputError,
     InputTypeError,
     MoERouterError,
+    UnknownFieldError,
     UnknownNameError,
 )
 from .hookspecs import hookimpl
@@ -36,6 +37,7 @@ __all__ = [
     "RouterState",
     "RoutingPlan",
     "RoutingStats",
+    "UnknownFieldError",
     "UnknownNameError",
     "backend_for",
     "default_registry",

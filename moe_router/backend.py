@@ -16,6 +16,10 @@ Contract that the conformance suite checks on every backend against NumPy:
 - :meth:`argsort`, :meth:`argsort_desc` and :meth:`top_k` are *stable*: equal values keep
   ascending index order (ties go to the lower expert index); they sort ints and floats.
 - :meth:`invert_permutation` is exact for any length (integer ops, no float round trip).
+- Equal inputs give bitwise-equal outputs wherever they sit in an array (:meth:`sigmoid`,
+  :meth:`log`, :meth:`softmax`: some CPU kernels round the tail past their last full vector
+  differently), and :meth:`softmax` rows that are permutations of each other give permuted,
+  bitwise-equal probabilities: exact ties stay exact, and break to the lower index.
 - :meth:`one_hot` of ``-1`` is an all-zero row, and :meth:`bincount` ignores ``-1``.
 - :meth:`gelu` is the exact (erf) GELU, like ``torch.nn.functional.gelu`` and
   ``jax.nn.gelu(approximate=False)``.
@@ -101,7 +105,10 @@ class Backend(abc.ABC):
     def sigmoid(self, x: Array) -> Array: ...
 
     @abc.abstractmethod
-    def softmax(self, x: Array, axis: int = -1) -> Array: ...
+    def softmax(self, x: Array, axis: int = -1) -> Array:
+        """``exp(x - max) / sum``, the sum taken over the exponentials sorted ascending: rows
+        that are permutations of each other (mathematically equal probabilities) give bitwise
+        equal probabilities, so a tie between two tokens stays an exact tie."""
 
     @abc.abstractmethod
     def log_softmax(self, x: Array, axis: int = -1) -> Array: ...

@@ -32,7 +32,16 @@ if TYPE_CHECKING:
 
 
 # ----- estimators: ctx -> (T,) float32 score, higher = harder token -----------------------------
-def _entropy(b: Backend, probs: Array) -> Array:
+def _ascending(b: Backend, probs: Array) -> Array:
+    return b.take_along_axis(probs, b.argsort(probs, axis=-1), axis=-1)
+
+
+def _entropy(b: Backend, probs: Array, presorted: bool = False) -> Array:
+    """``-sum p log p`` over the last axis, summed in ascending order of p: rows that are
+    permutations of each other (equal entropies) get bitwise-equal scores, so their batch
+    quantiles tie exactly (and break to the lower token index) on every backend."""
+    if not presorted:
+        probs = _ascending(b, probs)
     safe = b.where(probs > 0.0, probs, 1.0)
     return -b.sum(probs * b.log(safe), axis=-1)
 
@@ -40,9 +49,9 @@ def _entropy(b: Backend, probs: Array) -> Array:
 def router_entropy(ctx: RoutingContext) -> Array:
     """Entropy of the router distribution over real experts: an unsure router asks for more."""
     b = ctx.backend
-    probs_TE = ctx.probs[:, : ctx.config.num_experts]
-    total_T1 = b.sum(probs_TE, axis=-1)[:, None]
-    return _entropy(b, probs_TE / b.where(total_T1 > 0.0, total_T1, 1.0))
+    probs_TE = _ascending(b, ctx.probs[:, : ctx.config.num_experts])
+    total_T1 = b.sum(probs_TE, axis=-1)[:, None]  # ascending too: permutation-invariant
+    return _entropy(b, probs_TE / b.where(total_T1 > 0.0, total_T1, 1.0), presorted=True)
 
 
 def hidden_norm(ctx: RoutingContext) -> Array:
@@ -93,7 +102,7 @@ def k_ramp(config: RouterConfig) -> tuple[float, float]:
 def batch_quantiles(b: Backend, score_T: Array) -> Array:
     """``(rank + 1/2) / T`` of each score in the batch (ties: lower index ranks higher)."""
     order_T = b.argsort_desc(score_T, axis=-1)
-    rank_desc_T = b.argsort_desc(-b.cast(order_T, "float32"), axis=-1)
+    rank_desc_T = b.invert_permutation(order_T)  # exact integer inverse
     T = b.maximum(b.cast(b.asarray(b.dim(score_T, 0), like=score_T), "float32"), 1.0)
     return 1.0 - (b.cast(rank_desc_T, "float32") + 0.5) / T
 

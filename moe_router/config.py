@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ConfigError, UnknownNameError, closest
+from .config_io import (  # noqa: F401 - env_variables, ENV_ALIASES: public re-exports
+    ENV_ALIASES,
+    _from_env_values,
+    _from_mapping,
+    _load_json,
+    _read_env,
+    _section,
+    env_variables,
+)
+from .errors import ConfigError, UnknownFieldError, UnknownNameError, closest
 from .registrar import StrategySpec
 from .registry import default_registry
 
@@ -289,8 +296,9 @@ class RouterConfig:
         return max(1, math.ceil(round(slots, 9)))
 
     def replace(self, **changes: Any) -> RouterConfig:
-        """A copy with ``changes`` applied (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` applied (validated again); an unknown field raises
+        :class:`~moe_router.errors.UnknownFieldError` listing the valid ones."""
+        return _replace(self, changes)
 
     # ----- loading ---------------------------------------------------------------------------
     @classmethod
@@ -444,11 +452,23 @@ class MoEConfig:
         return 2 * matrices * self.d_model * self.d_ff
 
     def replace(self, **changes: Any) -> MoEConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` applied (validated again; unknown fields are refused)."""
+        return _replace(self, changes)
 
     def with_router(self, **changes: Any) -> MoEConfig:
         """A copy whose router has ``changes`` applied, e.g. ``strategy='top_p'``."""
         return dataclasses.replace(self, router=self.router.replace(**changes))
+
+
+def _replace(config: Any, changes: Mapping[str, Any]) -> Any:
+    fields = [f.name for f in dataclasses.fields(config)]
+    for name in changes:
+        if name not in fields:
+            hint = closest(name, fields)
+            raise UnknownFieldError(name, changes[name], f"a {type(config).__name__} field"
+                                    + (f" (did you mean {hint!r}?)" if hint else "")
+                                    + f"; valid fields: {', '.join(fields)}")
+    return dataclasses.replace(config, **changes)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MoEConfig:
@@ -478,103 +498,3 @@ class MoEConfig:
         if _section(moe, ("router_config", "router")) is None:
             moe = {**moe, "router_config": _section(data, ("router_config", "router")) or {}}
         return cls.from_dict(moe)
-
-
-# ----- environment and JSON ------------------------------------------------------------------
-#: Aliases of the documented environment variables; every other field is ``MOE_<FIELD>``.
-ENV_ALIASES: dict[str, str] = {
-    "MOE_INPUT_DIM": "d_model",
-    "MOE_HIDDEN_DIM": "d_ff",
-    "MOE_ROUTING_STRATEGY": "strategy",
-    "MOE_TOP_K": "k",
-}
-
-
-def env_variables(cls: type[RouterConfig] | type[MoEConfig]) -> dict[str, str]:
-    """Map of every environment variable ``from_env`` reads for ``cls`` -> field name."""
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "router"}
-    table = {f"MOE_{name.upper()}": name for name in names}
-    table.update({env: field for env, field in ENV_ALIASES.items() if field in names})
-    return table
-
-
-def _read_env(cls: Any, environ: Mapping[str, str]) -> dict[str, Any]:
-    types = {f.name: f.type for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    source: dict[str, str] = {}
-    for env, field in env_variables(cls).items():
-        if env in environ:
-            value = _parse_env(env, field, str(types[field]), environ[env])
-            if field in values and values[field] != value:
-                raise ConfigError(f"{field} (from ${source[field]} and ${env})", environ[env],
-                                  "one value: set only one of the two variables")
-            values[field], source[field] = value, env
-    return values
-
-
-def _from_env_values(cls: Any, values: dict[str, Any], environ: Mapping[str, str],
-                     overrides: Mapping[str, Any]) -> Any:
-    """``_from_mapping`` whose errors name the variable that set (or would set) the field."""
-    try:
-        return _from_mapping(cls, {**values, **overrides})
-    except ConfigError as err:
-        if err.field in overrides:
-            raise
-        names = [env for env, field in env_variables(cls).items()
-                 if field == err.field and (env in environ or field not in values)]
-        if not names:
-            raise
-        how = "from" if err.field in values else "set"
-        raise err.with_field(f"{err.field} ({how} ${' or $'.join(sorted(names))})") from None
-
-
-def _parse_env(env: str, field: str, type_name: str, raw: str) -> Any:
-    text = raw.strip()
-    if text.lower() in ("none", "null", "") and "None" in type_name:
-        return None
-    try:
-        if type_name.startswith("bool"):
-            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(text)
-            return text.lower() in ("1", "true", "yes")
-        if type_name.startswith("int"):
-            return int(text)
-        if type_name.startswith("float"):
-            return float(text)
-        if type_name.startswith("tuple"):  # comma-separated names
-            return tuple(item.strip() for item in text.split(",") if item.strip())
-    except ValueError:
-        raise ConfigError(f"{field} (from ${env})", raw, f"a value of type {type_name}") from None
-    return text
-
-
-def _section(data: Any, names: tuple[str, ...]) -> Any:
-    if not isinstance(data, Mapping):
-        return None
-    for name in names:
-        if name in data:
-            return data[name]
-    return None
-
-
-def _load_json(path: str | os.PathLike[str]) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError("path", str(path), f"a valid JSON file ({err})") from None
-    if not isinstance(data, dict):
-        raise ConfigError("path", str(path), "a JSON object at top level")
-    return data
-
-
-def _from_mapping(cls: Any, data: Mapping[str, Any]) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(unknown[0], data[unknown[0]], f"a field of {cls.__name__}: "
-                          f"{', '.join(sorted(known))}")
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.name not in data]
-    if missing:
-        raise ConfigError(missing[0], None, f"a value: {cls.__name__}.{missing[0]} is required")
-    return cls(**dict(data))

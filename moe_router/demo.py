@@ -102,7 +102,8 @@ def histogram_text(counts: Sequence[int]) -> str:
 def framework_demos(console: Console, only: Sequence[str] | None = None) -> None:
     """Run each installed backend's ``run_demo`` (torch, jax, tensorflow)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-    for framework, module in (("torch", "moe_router_backends.torch.demo"), ("jax", "moe_router_backends.jax.demo"),
+    for framework, module in (("torch", "moe_router_backends.torch.demo"),
+                              ("jax", "moe_router_backends.jax.demo"),
                               ("tensorflow", "moe_router_backends.tensorflow.demo")):
         if only is not None and framework not in only:
             continue

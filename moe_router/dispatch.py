@@ -35,8 +35,8 @@ def apply_capacity(b: Backend, indices_TK: Array, weights_TK: Array, capacity: i
         order_S = b.argsort_desc(b.where(flat_S >= 0, weights_S, -1.0), axis=-1)
         position_S = _position_in_expert(b, b.take_along_axis(flat_S, order_S, axis=0),
                                          num_experts)
-        inverse_S = b.argsort_desc(-b.cast(order_S, "float32"), axis=-1)
-        position_S = b.take_along_axis(position_S, inverse_S, axis=0)
+        # back to slot order: exact integer inverse, for any number of slots
+        position_S = b.take_along_axis(position_S, b.invert_permutation(order_S), axis=0)
     else:
         position_S = _position_in_expert(b, flat_S, num_experts)
     position_TK = einops.rearrange(position_S, "(k t) -> t k", k=K)
@@ -77,7 +77,7 @@ def sort_slots(b: Backend, indices_TK: Array, num_experts: int) -> SlotOrder:
     assert K is not None
     flat_S = b.reshape(indices_TK, (-1,))
     key_S = b.where(flat_S >= 0, flat_S, num_experts)
-    slot_S = b.argsort_desc(-b.cast(key_S, "float32"), axis=-1)
+    slot_S = b.argsort(key_S, axis=-1)  # stable integer sort: slot order within an expert
     return SlotOrder(slot_S=slot_S, token_S=slot_S // K,
                      expert_S=b.take_along_axis(key_S, slot_S, axis=0),
                      counts_E=b.bincount(flat_S, num_experts))

@@ -177,3 +177,9 @@ class UnknownNameError(ConfigError):
         err = UnknownNameError(f"{field}={self.value!r} is invalid: expected {self.allowed}")
         err.kind, err.name, err.known = self.kind, self.name, list(self.known)
         return err
+
+
+class UnknownFieldError(ConfigError, TypeError):
+    """A change names no field of the config: a :class:`ConfigError` naming it (with the valid
+    fields and the closest one), and a ``TypeError`` like the one ``dataclasses.replace``
+    raises."""

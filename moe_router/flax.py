@@ -7,8 +7,14 @@ from __future__ import annotations
 
 from moe_router_backends.jax.backend import JaxBackend
 from moe_router_backends.jax.functional import apply, init_params, init_state, params_from_weights
-from moe_router_backends.jax.layers import (AuxLoss, LayerStateVariable, MoE, calibrate,
-                                            moe_layers, total_aux_loss)
+from moe_router_backends.jax.layers import (
+                                            AuxLoss,
+                                            LayerStateVariable,
+                                            MoE,
+                                            calibrate,
+                                            moe_layers,
+                                            total_aux_loss,
+)
 
 __all__ = ["AuxLoss", "JaxBackend", "LayerStateVariable", "MoE", "apply", "calibrate",
            "init_params", "init_state", "moe_layers", "params_from_weights", "total_aux_loss"]

@@ -71,16 +71,17 @@ class NumpyBackend(Backend):
         return out
 
     def softmax(self, x: Array, axis: int = -1) -> Array:
-        shifted = x - self._safe_max(x, axis)
-        ex = np.exp(shifted)
-        return ex / np.sum(ex, axis=axis, keepdims=True)
+        ex = np.exp(x - self._safe_max(x, axis))
+        # sum in ascending order: permuted rows get bitwise-equal normalizers
+        return ex / np.sum(np.sort(ex, axis=axis), axis=axis, keepdims=True)
 
     def log_softmax(self, x: Array, axis: int = -1) -> Array:
         return x - np.expand_dims(self.logsumexp(x, axis), axis)
 
     def logsumexp(self, x: Array, axis: int = -1) -> Array:
         m = self._safe_max(x, axis)
-        return np.log(np.sum(np.exp(x - m), axis=axis)) + np.squeeze(m, axis=axis)
+        with np.errstate(divide="ignore"):  # an all -inf row: log(0) = -inf
+            return np.log(np.sum(np.exp(x - m), axis=axis)) + np.squeeze(m, axis=axis)
 
     def relu(self, x: Array) -> Array:
         x = np.asarray(x)

@@ -74,6 +74,14 @@ class Registry:
         self._instances: dict[str, Backend] = {}
         self._by_type: dict[type, str] = {}
         self._resolved: dict[tuple[str, str], Any] = {}
+        self._memo: dict[Any, Any] = {}
+
+    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` remembered under the hashable ``key`` until the plugins change (for
+        derived lookups such as a config's active observers)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     # ----- plugins -------------------------------------------------------------------------
     def register(self, plugin: Any, name: str | None = None) -> None:
@@ -91,6 +99,7 @@ class Registry:
         self._by_type.clear()
         self._instances.clear()
         self._resolved.clear()
+        self._memo.clear()
 
     @property
     def collected(self) -> Registrar:

@@ -5,9 +5,9 @@ Importing this module imports torch (``import moe_router`` alone never does).
 
 from __future__ import annotations
 
+from moe_router.errors import UnknownFieldError
 from moe_router_backends.torch.backend import TorchBackend
 from moe_router_backends.torch.hf import (
-    UnknownFieldError,
     from_hf_block,
     replace_moe_blocks,
     set_strategy,

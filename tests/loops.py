@@ -42,11 +42,12 @@ class LoopPlan:
 # ----- per-row scalar math --------------------------------------------------------------------
 def softmax_row(z: Sequence[float]) -> list[np.float32]:
     """Softmax of one row in float32, max-shifted. The normalizer is NumPy's float32 sum of the
-    row (pairwise for rows >= 8): top_p=1.0 compares cumulative sums that round to ~1 +- 1 ulp,
-    so the row sum must round as any vectorized float32 softmax rounds it."""
+    row's exponentials sorted ascending, as the Backend contract specifies (so that permuted rows
+    get bitwise-equal probabilities): cumulative sums near p and ties between tokens must round
+    as the vectorized softmax rounds them."""
     m = max(F32(v) for v in z)
     ex = np.array([np.exp(F32(v) - m) for v in z], dtype=F32)
-    total = np.sum(ex, dtype=F32)
+    total = np.sum(np.sort(ex), dtype=F32)
     return [F32(v / total) for v in ex]
 
 
@@ -61,6 +62,27 @@ def sigmoid_scalar(x: float) -> np.float32:
 def ranked(scores: Sequence[float]) -> list[int]:
     """Indices by descending score; ties go to the lower index."""
     return sorted(range(len(scores)), key=lambda j: (-float(scores[j]), j))
+
+
+def exact_key(scores: Sequence[float], z: Sequence[float], bias: np.ndarray | None,
+              width: int) -> list[float]:
+    """What orders one token's first ``width`` choices by their *exact* score.
+
+    softmax and sigmoid are strictly increasing in the logit, so without a bias the order of the
+    exact scores is the order of the logits (float32 scores can tie where the exact ones do not:
+    a saturated sigmoid, an underflowed softmax). With a bias: the float32 ``score + bias``.
+    """
+    if bias is None:
+        return [float(F32(v)) for v in z[:width]]
+    return [float(F32(scores[c] + (F32(bias[c]) if c < len(bias) else F32(0.0))))
+            for c in range(width)]
+
+
+def capped_mass(value: np.float32, config: RouterConfig, cap: float = 1.0) -> np.float32:
+    """A float32 partial sum of softmax probabilities, at most ``cap``: the exact sum of some
+    softmax probabilities never exceeds 1 (and is < 1 before the last expert, every exact
+    probability being > 0), while float32 rounding or underflow can reach or pass 1."""
+    return F32(min(value, F32(cap))) if config.score_func == "softmax" else value
 
 
 def clamp(n: int, low: int, high: int) -> int:
@@ -82,14 +104,17 @@ def entropy(probs: Sequence[float]) -> float:
 
 
 # ----- selection scores ---------------------------------------------------------------------
-def selection_scores(scores: list[np.float32], config: RouterConfig,
+def selection_scores(scores: list[np.float32], z: Sequence[float], config: RouterConfig,
                      bias: np.ndarray | None) -> list[float]:
-    """Real-expert scores used to choose: score + bias, then the DeepSeek-V3 group limit."""
+    """Order keys used to choose real experts: the exact order of score + bias (see
+    :func:`exact_key`), ``-inf`` outside the groups kept by the DeepSeek-V3 group limit (ranked
+    by the sum of each group's two best float32 score + bias)."""
     E = config.num_experts
+    key = exact_key(scores, z, bias, E)
     sel = [F32(scores[e] + (F32(bias[e]) if bias is not None else F32(0.0))) for e in range(E)]
     G = config.num_groups
     if G is None or G <= 1:
-        return [float(v) for v in sel]
+        return key
     per = E // G
     keep = config.topk_groups if config.topk_groups is not None else G
     group_score = []
@@ -100,7 +125,8 @@ def selection_scores(scores: list[np.float32], config: RouterConfig,
             total = F32(total + v)
         group_score.append(total)
     kept = set(ranked(group_score)[:keep])
-    return [float(sel[e]) if e // per in kept else -math.inf for e in range(E)]
+    lowest = float(np.finfo(F32).min)  # a kept expert, even of logit -inf, beats a masked one
+    return [max(key[e], lowest) if e // per in kept else -math.inf for e in range(E)]
 
 
 # ----- strategies: one token (or one batch for cross-token ones) -> list of (expert, weight) -----
@@ -118,31 +144,30 @@ def _finish(chosen: list[int], weight_of: Sequence[float], normalize: bool, widt
     return list(zip(chosen, weights, strict=True))
 
 
-def top_k_row(t: int, scores: list[np.float32], config: RouterConfig,
+def top_k_row(t: int, scores: list[np.float32], z: Sequence[float], config: RouterConfig,
               bias: np.ndarray | None) -> Row:
     E, N, K = config.num_experts, config.num_null_experts, config.max_slots
     if config.balanced_debug:
         n = min(config.k, K)
         return [((t * n + j) % E, F32(1.0 / n)) for j in range(n)]
-    sel = selection_scores(scores, config, bias)
+    sel = selection_scores(scores, z, config, bias)
     if N:
         # AdaMoE: top-k over E + N choices; the count of real experts among them, clamped
-        all_scores = [F32(scores[c] + (F32(bias[c]) if bias is not None and c < E else F32(0)))
-                      for c in range(E + N)]
-        real = sum(1 for c in ranked(all_scores)[: config.k] if c < E)
+        real = sum(1 for c in ranked(exact_key(scores, z, bias, E + N))[: config.k] if c < E)
         n = clamp(real, config.min_experts, K)
     else:
         n = min(config.k, K)
     return _finish(ranked(sel)[:n], scores, _normalize_flag(config, True), K)
 
 
-def top_p_row(probs: list[np.float32], config: RouterConfig, p: float) -> Row:
+def top_p_row(probs: list[np.float32], z: Sequence[float], config: RouterConfig,
+              p: float) -> Row:
     E = config.num_experts
-    order = ranked(probs[:E])
+    order = ranked(exact_key(probs, z, None, E))
     cum, n = F32(0.0), E  # if no prefix sum exceeds p: all experts
     for i, e in enumerate(order):
         cum = F32(cum + probs[e])
-        if cum > F32(p):
+        if capped_mass(cum, config) > F32(p):
             n = i + 1
             break
     n = clamp(n, config.min_experts, config.max_slots)
@@ -150,12 +175,13 @@ def top_p_row(probs: list[np.float32], config: RouterConfig, p: float) -> Row:
                    config.max_slots)
 
 
-def threshold_row(probs: list[np.float32], config: RouterConfig) -> Row:
+def threshold_row(probs: list[np.float32], z: Sequence[float], config: RouterConfig) -> Row:
     E = config.num_experts
-    order = ranked(probs[:E])
+    order = ranked(exact_key(probs, z, None, E))
+    below_one = float(np.nextafter(F32(1.0), F32(0.0)))
     before, n = F32(0.0), 0
     for i, e in enumerate(order):
-        if i == 0 or before < F32(config.threshold):
+        if i == 0 or capped_mass(before, config, below_one) < F32(config.threshold):
             n += 1
         before = F32(before + probs[e])
     n = clamp(n, config.min_experts, config.max_slots)
@@ -171,17 +197,21 @@ def relu_row(z: Sequence[float], config: RouterConfig) -> Row:
     return _finish(ranked(real)[:n], gates, _normalize_flag(config, False), config.max_slots)
 
 
-def expert_choice_rows(probs_T: list[list[np.float32]], config: RouterConfig) -> list[Row]:
+def expert_choice_rows(probs_T: list[list[np.float32]], z: np.ndarray,
+                       config: RouterConfig) -> list[Row]:
     T, E = len(probs_T), config.num_experts
     factor = config.capacity_factor if config.capacity_factor is not None else config.k
     C = min(T, max(1, math.ceil(exact(factor) * T / E))) if T else 0
     chosen: list[set[int]] = [set() for _ in range(T)]
+    # exact score order across tokens: a sigmoid score is a function of the logit alone
+    key = z if config.score_func == "sigmoid" else probs_T
     for e in range(E):
-        for t in ranked([probs_T[t][e] for t in range(T)])[:C]:
+        for t in ranked([float(key[t][e]) for t in range(T)])[:C]:
             chosen[t].add(e)
     rows = []
     for t in range(T):
-        mine = [e for e in ranked(probs_T[t][:E]) if e in chosen[t]][: config.max_slots]
+        mine = [e for e in ranked(exact_key(probs_T[t], z[t], None, E))
+                if e in chosen[t]][: config.max_slots]
         rows.append(_finish(mine, probs_T[t], _normalize_flag(config, False), config.max_slots))
     return rows
 
@@ -196,9 +226,9 @@ def hash_row(token_id: int, config: RouterConfig) -> Row:
 
 # ----- complexity ------------------------------------------------------------------------------
 def entropy32(p: np.ndarray) -> np.float32:
-    """-sum p log p of one float32 row, summed as NumPy sums a float32 row: scores of rows that
-    are permutations of each other differ by float rounding, and token ranks follow it."""
-    p = np.asarray(p, dtype=F32)
+    """-sum p log p of one float32 row, summed in ascending order of p as NumPy sums a float32
+    row (the core's order: rows that are permutations of each other get equal scores)."""
+    p = np.sort(np.asarray(p, dtype=F32))
     logs = np.log(np.where(p > 0, p, F32(1.0)))
     return F32(-np.sum(p * logs, dtype=F32))
 
@@ -209,7 +239,7 @@ def complexity_score(t: int, probs: list[np.float32], config: RouterConfig, *,
     """The estimator's score of token t, in float32."""
     name = config.complexity_estimator
     if name == "router_entropy":  # entropy of the real experts' distribution, renormalized
-        real = np.array(probs[: config.num_experts], dtype=F32)
+        real = np.sort(np.array(probs[: config.num_experts], dtype=F32))
         return entropy32(real / np.sum(real, dtype=F32))
     if name == "hidden_norm":
         h = np.asarray(hidden[t], dtype=F32)
@@ -339,20 +369,20 @@ def route_loop(logits: np.ndarray, config: RouterConfig, *, token_ids: np.ndarra
     new_state = state
     strategy = config.strategy
     if strategy == "top_k":
-        rows = [top_k_row(t, scores[t], config, bias) for t in range(T)]
+        rows = [top_k_row(t, scores[t], z[t], config, bias) for t in range(T)]
     elif strategy == "top_p":
         p = state["top_p"] if state is not None else config.top_p
-        rows = [top_p_row(scores[t], config, p) for t in range(T)]
+        rows = [top_p_row(scores[t], z[t], config, p) for t in range(T)]
         if state is not None and training and config.target_experts is not None:
             mean_k = sum(len(r) for r in rows) / max(T, 1)
             new_p = p + config.controller_rate * (config.target_experts - mean_k)
             new_state = {**state, "top_p": min(max(new_p, 1e-3), 1.0)}
     elif strategy == "threshold":
-        rows = [threshold_row(scores[t], config) for t in range(T)]
+        rows = [threshold_row(scores[t], z[t], config) for t in range(T)]
     elif strategy == "relu":
         rows = [relu_row(z[t], config) for t in range(T)]
     elif strategy == "expert_choice":
-        rows = expert_choice_rows(scores, config)
+        rows = expert_choice_rows(scores, z, config)
     elif strategy == "hash":
         rows = [hash_row(int(token_ids[t]), config) for t in range(T)]
     elif strategy == "complexity":
@@ -361,7 +391,7 @@ def route_loop(logits: np.ndarray, config: RouterConfig, *, token_ids: np.ndarra
         ks, new_state = complexity_ks(cscores, config, state, training)
         rows = []
         for t in range(T):
-            order = ranked(selection_scores(scores[t], config, bias))[: ks[t]]
+            order = ranked(selection_scores(scores[t], z[t], config, bias))[: ks[t]]
             rows.append(_finish(order, scores[t], _normalize_flag(config, True),
                                 config.max_slots))
     else:

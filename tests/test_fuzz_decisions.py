@@ -1,4 +1,4 @@
-"""Random-config fuzz: every framework backend takes NumPy's routing decisions, but for float32 ties.
+"""Random-config fuzz: every framework takes NumPy's routing decisions, except at float32 ties.
 
 Seeded cases draw a :class:`~moe_router.RouterConfig` (every built-in strategy, softmax and
 sigmoid, expert groups, null experts, min/max experts, top_p up to 1.0, expert bias, route_scale,
@@ -7,15 +7,18 @@ across rows), sharpened x8, or rows that are permutations of one row (mathematic
 probabilities in different rows). Each case is routed on NumPy and on the framework; the
 decisions (expert indices, experts per token, expert counts, drops) must be equal.
 
-A mismatch is accepted only as a float32 *tie*: the decision it flips rests on two quantities
-that are within ``REL`` (1e-6, a few float32 ulps) of each other when recomputed in float64, and
-that reach the two frameworks through different float32 roundings (two quantities computed from
-exactly the same inputs are equal on every backend, so their tie must break the same way).
-Anything else fails with the case's seed (rerun one with ``MOE_FUZZ_SEED=<seed>``).
+A mismatch is accepted only as a float32 *tie* (:class:`NearTies`): the decision it flips rests
+on two quantities that are within ``REL`` (1e-6, a few float32 ulps) of each other when
+recomputed in float64, and that come from different inputs. Quantities computed from the same
+inputs (equal logits; rows that are permutations of each other under softmax, whose
+probabilities the Backend contract makes bitwise equal) are equal on every backend, so their tie
+must break the same way (to the lower index). Anything else fails, naming the case's seed.
 
 Time-bounded: each framework gets ``MOE_FUZZ_SECONDS`` (default 9) seconds of cases, starting
-from the same seeds, so a slower machine runs a prefix of the same sequence. The mismatch rate is
-printed (``-s``) and recorded in the test's ``user_properties`` (JUnit XML).
+from the same seeds, so a slower machine runs a prefix of the same sequence;
+``MOE_FUZZ_CASES`` caps the number of comparisons (fixed sequences for before/after figures) and
+``MOE_FUZZ_SEED`` starts elsewhere (``MOE_FUZZ_SEED=17 MOE_FUZZ_CASES=12`` reruns seed 17's
+config). The mismatch rate is printed (``-s``) and recorded in ``user_properties`` (JUnit XML).
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from moe_router.backend import Backend
 
 FRAMEWORKS = [name for name in backend_names() if name != "numpy"]
 BUDGET_S = float(os.environ.get("MOE_FUZZ_SECONDS", "9"))
+DRAWS = 12  # inputs per config (JAX compiles once per config)
 FIRST_SEED = int(os.environ.get("MOE_FUZZ_SEED", "0"))
-MAX_CASES = 1 if "MOE_FUZZ_SEED" in os.environ else 100_000
+MAX_CASES = int(os.environ.get("MOE_FUZZ_CASES", "1000000"))
 REL = 1e-6  # float64 relative gap that counts as a float32 tie (~8 ulps)
 REL_SUM = 2e-6  # cumulative sums: up to 16 float32 roundings
 DECISIONS = ("expert_indices", "num_experts_per_token", "expert_counts", "num_dropped")
@@ -68,6 +72,8 @@ def _fields(rng: np.random.Generator) -> dict:
                "route_scale": _pick(rng, 1.0, 1.0, 2.5)}
     if strategy in ("top_k", "hash", "expert_choice"):
         f["k"] = int(rng.integers(1, min(E, 4) + 1))
+    if strategy in ("top_p", "threshold", "expert_choice"):
+        f["score_func"] = _pick(rng, "softmax", "softmax", "sigmoid")
     if strategy in ("top_k", "complexity"):
         f["score_func"] = _pick(rng, "softmax", "sigmoid")
         groups = [g for g in (2, 3, 4) if E % g == 0]
@@ -117,23 +123,41 @@ def random_logits(rng: np.random.Generator, kind: str, T: int, C: int) -> np.nda
     return np.asarray(out, dtype=np.float32)
 
 
-def random_case(seed: int) -> Case:
+def random_cases(seed: int) -> list[Case]:
+    """One config and ``DRAWS`` inputs of one shape (so a traced backend compiles once)."""
     rng = np.random.default_rng(seed)
     config = random_config(rng)
     T = int(_pick(rng, *NUM_TOKENS))
-    kind = _pick(rng, *LOGITS)
-    logits = random_logits(rng, kind, T, config.num_choices)
-    extra: dict[str, np.ndarray] = {}
-    if config.strategy == "hash":
-        extra["token_ids_T"] = rng.integers(0, 1000, size=T)
-    if config.strategy in ("top_k", "complexity") and rng.random() < 0.3:
-        scale = _pick(rng, 0.05, 0.25)
-        bias = _pick(rng, rng.normal(size=config.num_experts) * scale,
-                     rng.integers(-1, 2, size=config.num_experts) * scale)
-        extra["expert_bias_E"] = np.asarray(bias, np.float32)
-    if config.complexity_estimator == "external" and config.strategy == "complexity":
-        extra["complexity_scores_T"] = (rng.integers(0, 6, size=T) * 0.5).astype(np.float32)
-    return Case(seed, config, kind, logits, extra)
+    biased = config.strategy in ("top_k", "complexity") and rng.random() < 0.3
+    cases = []
+    for _ in range(DRAWS):
+        kind = _pick(rng, *LOGITS)
+        logits = random_logits(rng, kind, T, config.num_choices)
+        extra: dict[str, np.ndarray] = {}
+        if config.strategy == "hash":
+            extra["token_ids_T"] = rng.integers(0, 1000, size=T)
+        if biased:
+            scale = _pick(rng, 0.05, 0.25)
+            bias = _pick(rng, rng.normal(size=config.num_experts) * scale,
+                         rng.integers(-1, 2, size=config.num_experts) * scale)
+            extra["expert_bias_E"] = np.asarray(bias, np.float32)
+        if config.strategy == "complexity" and config.complexity_estimator == "external":
+            extra["complexity_scores_T"] = (rng.integers(0, 6, size=T) * 0.5).astype(np.float32)
+        cases.append(Case(seed, config, kind, logits, extra))
+    return cases
+
+
+def router_of(b: Backend, config: RouterConfig):
+    """``(logits, extra) -> plan`` on ``b``: eager, but compiled once per config on JAX (whose
+    eager mode compiles every primitive for every new shape)."""
+    def run(logits, extra):
+        return route(logits, config, **extra)
+
+    if b.name == "jax":
+        import jax
+
+        return jax.jit(run)
+    return run
 
 
 # ----- decisions and float64 near-ties ---------------------------------------------------------
@@ -171,21 +195,31 @@ def _boundary_tie(values: np.ndarray, keys: list, cut: int, rel: float = REL) ->
 
 
 class NearTies:
-    """Where a case's decisions rest on float32 ties (float64 recomputation of its inputs)."""
+    """Where a case's decisions rest on float32 ties: its scores recomputed in float64, each with
+    a *key* naming the exact inputs it is computed from (equal keys: bitwise-equal float32
+    values on every backend, so no tie between them may flip).
+
+    ``row[t]``: token t's own decisions (selection order, group limit, top-p / threshold count)
+    are at a tie; ``batch``: a decision across tokens is (expert choice, complexity ranks,
+    capacity), which may move any token. ``reasons`` says which.
+    """
 
     def __init__(self, case: Case) -> None:
         c, z = case.config, case.logits.astype(np.float64)
         self.case, self.config, self.z = case, c, z
-        T, E = z.shape[0], c.num_experts
+        T = z.shape[0]
         self.bias = case.extra.get("expert_bias_E")
-        rows = [row.tobytes() for row in case.logits]
+        shifted = case.logits - case.logits.max(axis=-1, keepdims=True)  # float32, as softmax
+        # softmax probabilities depend on the multiset of the row's shifted logits
+        rows = [np.sort(row).tobytes() for row in shifted]
         if c.score_func == "sigmoid":
             self.P = 1.0 / (1.0 + np.exp(-z))
             self.pkey = [[(float(z[t, e]),) for e in range(z.shape[1])] for t in range(T)]
         else:
             ex = np.exp(z - z.max(axis=-1, keepdims=True))
             self.P = ex / ex.sum(axis=-1, keepdims=True)
-            self.pkey = [[(rows[t], float(z[t, e])) for e in range(z.shape[1])] for t in range(T)]
+            self.pkey = [[(rows[t], float(shifted[t, e])) for e in range(z.shape[1])]
+                         for t in range(T)]
         self.rows = rows
         self.reasons: list[str] = []
         self.row = np.array([self._row_tie(t) for t in range(T)], dtype=bool)
@@ -207,7 +241,8 @@ class NearTies:
         E = c.num_experts
         if c.strategy in ("top_k", "complexity"):
             sel, keys = self._selection(t, E)
-            if c.num_groups and c.num_groups > 1 and (c.topk_groups or c.num_groups) < c.num_groups:
+            groups = c.num_groups or 1
+            if groups > 1 and (c.topk_groups or groups) < groups:
                 per = E // c.num_groups
                 gsum, gkey = [], []
                 for g in range(c.num_groups):
@@ -237,7 +272,7 @@ class NearTies:
     def _batch_tie(self) -> bool:
         c, T = self.config, self.z.shape[0]
         E = c.num_experts
-        if c.strategy == "expert_choice":
+        if c.strategy == "expert_choice" and c.score_func == "softmax":  # sigmoid: by logits
             factor = c.capacity_factor if c.capacity_factor is not None else float(c.k)
             C = min(T, max(1, int(np.ceil(round(T * factor / E, 9)))))
             for e in range(E):
@@ -295,7 +330,7 @@ class NearTies:
         return False
 
     def explains(self, bad_rows: np.ndarray) -> bool:
-        """True when every mismatching token is explained by a float32 tie."""
+        """True when every mismatching token (``bad_rows``) is explained by a float32 tie."""
         if self.batch:
             return True
         return bool(bad_rows.size) and bool(self.row[bad_rows].all())
@@ -309,24 +344,29 @@ def test_decisions_match_numpy_except_float32_ties(backend: Backend,
     compared, ties, failures = 0, [], []
     seed = FIRST_SEED
     while compared < MAX_CASES and time.perf_counter() - start < BUDGET_S:
-        case = random_case(seed)
+        cases = random_cases(seed)
         seed += 1
-        numpy_plan = route(case.logits, case.config, **case.extra)
-        ref = {f: np.asarray(getattr(numpy_plan, f)).astype(np.int64) for f in DECISIONS}
-        plan = route(backend.asarray(case.logits), case.config,
-                     **{k: backend.asarray(v) for k, v in case.extra.items()})
-        got = decisions(backend, plan)
-        compared += 1
-        if all(np.array_equal(got[f], ref[f]) for f in DECISIONS):
-            continue
-        bad_rows = np.flatnonzero((got["expert_indices"] != ref["expert_indices"]).any(axis=-1))
-        near = NearTies(case)
-        what = (f"seed {case.seed}: {case.config.strategy} {case.logits_kind} logits, "
-                f"tokens {bad_rows.tolist()}")
-        if near.explains(bad_rows):
-            ties.append(f"{what} ({'; '.join(near.reasons)})")
-        else:
-            failures.append(f"{what}\n    config={case.config!r}\n    extra={sorted(case.extra)}")
+        run = router_of(backend, cases[0].config)
+        for draw, case in enumerate(cases):
+            if compared >= MAX_CASES:
+                break
+            numpy_plan = route(case.logits, case.config, **case.extra)
+            ref = {f: np.asarray(getattr(numpy_plan, f)).astype(np.int64) for f in DECISIONS}
+            got = decisions(backend, run(backend.asarray(case.logits),
+                                         {k: backend.asarray(v) for k, v in case.extra.items()}))
+            compared += 1
+            if all(np.array_equal(got[f], ref[f]) for f in DECISIONS):
+                continue
+            bad_rows = np.flatnonzero((got["expert_indices"] != ref["expert_indices"]).any(-1))
+            near = NearTies(case)
+            fields = [f for f in DECISIONS if not np.array_equal(got[f], ref[f])]
+            what = (f"seed {case.seed} draw {draw}: {case.config.strategy} {case.logits_kind} "
+                    f"logits, {', '.join(fields)} differ (tokens {bad_rows.tolist()})")
+            if near.explains(bad_rows):
+                ties.append(f"{what} ({'; '.join(near.reasons[:3])})")
+            else:
+                failures.append(f"{what}\n    config={case.config!r}\n    "
+                                f"extra={sorted(case.extra)}")
     rate = (len(ties) + len(failures)) / max(compared, 1)
     summary = (f"{backend.name}: {compared} cases in {time.perf_counter() - start:.1f}s, "
                f"{len(ties)} float32 ties, {len(failures)} other mismatches "

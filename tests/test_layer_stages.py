@@ -1,4 +1,4 @@
-"""Every backend override of a layer-step stage, and every framework kernel, against the generic one.
+"""Every backend override of a layer-step stage and framework kernel, against the generic one.
 
 A backend may replace a stage of :class:`~moe_router.layer.step.LayerStages` (router logits,
 fast selection, route, experts, shared expert, shape restoration) and register grouped-FFN
@@ -11,14 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import pytest
+from router_cases import router_cases
 
 import moe_router as mr
 from moe_router.layer.experts import expert_compute
 from moe_router.layer.step import LayerStages, stages_for
 from moe_router.registry import default_registry
 from moe_router.weights import init_weights, param_shapes
-from router_cases import router_cases
 
 D, F = 16, 24
 TOL = {"rtol": 2e-5, "atol": 2e-6}

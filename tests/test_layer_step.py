@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from router_cases import router_cases
 
 import moe_router as mr
 from moe_router.layer.state import initial_state, state_to_arrays
 from moe_router.layer.step import bias_step, layer_step
 from moe_router.weights import init_weights, param_shapes, reference_forward
-from router_cases import router_cases
 
 D, F, T = 16, 24, 24
 CASES = router_cases(num_experts=8)

@@ -161,6 +161,7 @@ P_VALUES = st.one_of(st.sampled_from([0.25, 0.5, 0.75, 1.0]),
 def test_top_p_matches_loop(data: st.DataObject, c: dict) -> None:
     draw, E = data.draw, c["E"]
     config = config_or_reject(num_experts=E, strategy="top_p", top_p=draw(P_VALUES),
+                              score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
                               normalize_weights=draw(st.sampled_from([None, True, False])),
                               **clamps(draw, E), **capacity(draw))
     plan, ref = run_both(config, make_logits(c["kind"], c["T"], E, c["seed"]),
@@ -173,6 +174,7 @@ def test_top_p_matches_loop(data: st.DataObject, c: dict) -> None:
 def test_threshold_matches_loop(data: st.DataObject, c: dict) -> None:
     draw, E = data.draw, c["E"]
     config = config_or_reject(num_experts=E, strategy="threshold", threshold=draw(P_VALUES),
+                              score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
                               normalize_weights=draw(st.sampled_from([None, True, False])),
                               **clamps(draw, E), **capacity(draw))
     plan, ref = run_both(config, make_logits(c["kind"], c["T"], E, c["seed"]))
@@ -197,6 +199,7 @@ def test_expert_choice_matches_loop(data: st.DataObject, c: dict) -> None:
     draw, E = data.draw, c["E"]
     config = config_or_reject(
         num_experts=E, strategy="expert_choice", k=draw(st.integers(1, E)),
+        score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
         capacity_factor=draw(st.sampled_from([None, 0.5, 1.1, 1.25, 2.2, 3.0])),
         normalize_weights=draw(st.sampled_from([None, True, False])),
         max_experts=draw(st.one_of(st.none(), st.integers(1, E))))
@@ -352,6 +355,44 @@ def test_group_limit_masks_whole_groups() -> None:
     assert plan.expert_indices[0].tolist() == [4, 5]
     assert float(plan.expert_weights[0].sum()) == pytest.approx(2.0, rel=1e-6)
 
+
+# ----- exact scores where float32 ones tie or round (ROUTING.md is about the exact scores) -----
+@pytest.mark.parametrize(("score_func", "logits", "k", "want"), [
+    ("sigmoid", [20.0, 30.0, 25.0], 2, [1, 2]),  # every sigmoid rounds to 1.0 in float32
+    ("softmax", [0.0, -200.0, -150.0, -300.0], 3, [0, 2, 1]),  # 2 and 1 underflow to 0.0
+])
+def test_selection_follows_the_exact_scores(score_func: str, logits: list, k: int,
+                                            want: list[int]) -> None:
+    z = np.array([logits], dtype=np.float32)
+    config = RouterConfig(num_experts=z.shape[1], k=k, score_func=score_func)
+    plan, ref = run_both(config, z)
+    assert_matches(plan, ref)
+    assert plan.expert_indices[0].tolist() == want
+    ec = RouterConfig(num_experts=z.shape[1], strategy="expert_choice", k=k,
+                      score_func=score_func, max_experts=k)
+    plan, ref = run_both(ec, np.concatenate([z, z[:, ::-1]]))
+    assert_matches(plan, ref)
+
+
+def test_top_p_one_keeps_every_expert_when_float32_sums_pass_one() -> None:
+    # the float32 cumulative sum of these sorted probabilities is 1.0000001 before the last
+    # expert; the exact one never exceeds 1, so no prefix sum is > 1: all experts
+    z = np.array([[-1.1082926988601685, 9.823249816894531, -2.248196601867676,
+                   -3.903069019317627, 4.501016139984131, -7.22557258605957]], np.float32)
+    sorted_probs = np.sort(route(z, RouterConfig(num_experts=6)).router_probs[0])[::-1]
+    assert np.cumsum(sorted_probs, dtype=np.float32)[-2] > 1.0
+    plan, ref = run_both(RouterConfig(num_experts=6, strategy="top_p", top_p=1.0), z)
+    assert_matches(plan, ref)
+    assert int(plan.num_experts_per_token[0]) == 6
+
+
+def test_threshold_one_keeps_every_expert_when_the_tail_underflows() -> None:
+    # probabilities 1, 0, 0 in float32: the mass before experts 1 and 2 rounds to 1.0, but the
+    # exact mass is < 1 (every exact softmax probability is > 0), so t = 1.0 keeps them
+    z = np.array([[0.0, -200.0, -300.0]], np.float32)
+    plan, ref = run_both(RouterConfig(num_experts=3, strategy="threshold", threshold=1.0), z)
+    assert_matches(plan, ref)
+    assert plan.expert_indices[0].tolist() == [0, 1, 2]
 
 
 def test_hash_uses_k_experts_when_max_experts_is_wider() -> None:

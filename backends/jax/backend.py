@@ -105,7 +105,12 @@ class JaxBackend(Backend):
         return jax.nn.sigmoid(x)
 
     def softmax(self, x: Array, axis: int = -1) -> Array:
-        return jax.nn.softmax(x, axis=axis)
+        # exp(x - max) / sum of the exponentials sorted ascending (the Backend contract: rows
+        # that are permutations of each other get bitwise-equal normalizers)
+        x = jnp.asarray(x)
+        top = jnp.max(x, axis=axis, keepdims=True, initial=-jnp.inf)
+        ex = jnp.exp(x - jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0)))
+        return ex / jnp.sum(jnp.sort(ex, axis=axis), axis=axis, keepdims=True)
 
     def log_softmax(self, x: Array, axis: int = -1) -> Array:
         return jax.nn.log_softmax(x, axis=axis)

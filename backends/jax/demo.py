@@ -12,12 +12,12 @@ from flax import nnx
 from rich.console import Console
 from rich.table import Table
 
-from moe_router.complexity import init_router_state
 from moe_router.config import MoEConfig, RouterConfig
 from moe_router.demo import histogram_text
+from moe_router.layer.experts import dispatch_info, resolve_kernel
 from moe_router.weights import init_weights, reference_forward
 
-from .functional import STATEFUL_STRATEGIES, resolve_dispatch
+from .functional import JAX
 from .layers import MoE
 
 E, STATIC_K, D, FF, T = 8, 2, 64, 128, 512
@@ -59,7 +59,8 @@ def run_demo(console: Console, seed: int = 0) -> None:
     def forward(x, *layers):
         return [layer(x, return_plan=True) for layer in layers]
 
-    outputs = forward(jnp.asarray(x), *layers)
+    x_TD = jnp.asarray(x)
+    outputs = forward(x_TD, *layers)
     table = Table(title=f"Flax NNX layer (moe_router.flax.MoE under nnx.jit), T={T}, "
                         f"d={D}, f={FF}, E={E}")
     for column in ("strategy", "dispatch", "mean k", "tokens per k", "max/mean load", "dropped",
@@ -67,13 +68,13 @@ def run_demo(console: Console, seed: int = 0) -> None:
         table.add_column(column, justify="left" if column in ("strategy", "dispatch")
                          else "right")
     for name, layer, (y, plan) in zip(names, layers, outputs):
-        mc = layer.config
-        kwargs = ({"state": init_router_state(mc.router)}
-                  if mc.router.strategy in STATEFUL_STRATEGIES else {})
-        want, _ = reference_forward(x, layer.export_weights(), mc, **kwargs)
+        mc = layer.config  # the reference reads the controller state from the export
+        want, _ = reference_forward(x, layer.export_weights(), mc)
+        kernel = resolve_kernel(JAX, mc.dispatch, dispatch_info(
+            JAX, mc, x_TD, plan.expert_indices.shape[1]), x_TD)
         s = plan.summary()
         hist = histogram_text(s["k_histogram"])
-        table.add_row(name, resolve_dispatch(mc, T), f"{s['mean_experts']:.2f}", hist,
+        table.add_row(name, kernel, f"{s['mean_experts']:.2f}", hist,
                       f"{s['max_load'] / max(s['mean_load'], 1e-9):.2f}", str(s["num_dropped"]),
                       f"{s['mean_experts'] / STATIC_K:.2f}x",
                       f"{float(np.abs(np.asarray(y) - want).max()):.1e}")

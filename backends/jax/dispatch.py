@@ -30,8 +30,14 @@ import jax
 import jax.numpy as jnp
 
 from moe_router.backend import Backend
-from moe_router.layer.experts import (DispatchInfo, ExpertWeights, Permutation, activate,
-                                      default_policy, ffn)
+from moe_router.layer.experts import (
+    DispatchInfo,
+    ExpertWeights,
+    Permutation,
+    activate,
+    default_policy,
+    ffn,
+)
 
 MAX_TILE = 256
 MIN_TILE = 8

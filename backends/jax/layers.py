@@ -1,4 +1,4 @@
-"""``MoE``: the Flax NNX adapter around the one layer step (:func:`moe_router.layer.step.layer_step`).
+"""``MoE``: the Flax NNX adapter around the one layer step (``moe_router.layer.step.layer_step``).
 
 The layer holds the trainable weights as ``nnx.Param`` and the flat layer state
 (:mod:`moe_router.layer.state`) as non-trainable variables, at ``nnx.state`` paths equal to the
@@ -24,8 +24,15 @@ from flax import nnx
 from moe_router.config import MoEConfig
 from moe_router.errors import InputError, InputTypeError
 from moe_router.layer.calibrate import default_forward, run_calibration
-from moe_router.layer.state import (EXPERT_BIAS, ROUTER_STATE, LayerState, initial_state_arrays,
-                                    state_fields, state_from_arrays, state_to_arrays)
+from moe_router.layer.state import (
+    EXPERT_BIAS,
+    ROUTER_STATE,
+    LayerState,
+    initial_state_arrays,
+    state_fields,
+    state_from_arrays,
+    state_to_arrays,
+)
 from moe_router.layer.step import BIAS_STEP_UPDATES, bias_step, layer_step
 from moe_router.plan import RouterState, RoutingPlan
 from moe_router.weights import check_weights, init_weights, param_shapes, weight_shapes
@@ -50,7 +57,7 @@ class ObserverState(LayerStateVariable):
 
 
 class AuxLoss(nnx.Variable):
-    """The last call's ``plan.losses.total`` (float32 scalar; differentiable inside ``nnx.grad``)."""
+    """The last call's ``plan.losses.total``: a float32 scalar, differentiable in ``nnx.grad``."""
 
 
 _KINDS = {ROUTER_STATE: ControllerState, EXPERT_BIAS: ExpertBias}

@@ -3,8 +3,11 @@
 Float math in float32, indices in int32 (TensorFlow's and XLA's native index dtype). Sorting uses
 ``tf.argsort(..., direction="DESCENDING", stable=True)``, which TensorFlow implements with
 ``tf.math.top_k`` over the whole axis: equal values keep ascending index order, so ties go to the
-lower index exactly like the NumPy oracle (checked in ``tests/tensorflow/test_backend.py``, also
-under ``jit_compile=True``).
+lower index exactly like the NumPy oracle (checked in ``tests/tensorflow/test_tf_backend.py``,
+also under ``jit_compile=True``). Eigen computes the last ``size % 16`` elements of an
+elementwise op with scalar code that rounds differently, so :meth:`sigmoid`, :meth:`log` and the
+exponentials of :meth:`softmax` run on a copy padded to whole packets: equal inputs give equal
+outputs wherever they sit, and exact ties stay exact.
 
 Every primitive works eagerly, inside ``tf.function`` (also with an unknown batch dimension: sizes
 are then scalar ``int32`` tensors) and under XLA. TensorFlow refuses mixed-dtype arithmetic, so
@@ -26,6 +29,27 @@ _DTYPES = {"float32": tf.float32, "int": tf.int32, "int32": tf.int32, "bool": tf
 
 def _is_tf(x: Any) -> bool:
     return isinstance(x, (tf.Tensor, tf.Variable))
+
+
+#: Eigen evaluates an elementwise op in packets of up to 16 floats and the last ``size % 16``
+#: elements with scalar code (``std::exp``, ...), which rounds differently: equal inputs then
+#: give unequal outputs, and exact ties break by position. Padding to this many lanes keeps
+#: every element on the packet path (Eigen aligns its thread blocks to packets).
+_LANES = 64
+
+
+def _lane_aligned(fn: Any, x: Array) -> Array:
+    """``fn`` elementwise on ``x``, equal inputs giving equal outputs wherever they sit."""
+    flat = tf.reshape(x, [-1])
+    size = flat.shape[0]
+    # no annotated locals: AutoGraph (tf.function) cannot convert them
+    n = size if size is not None else tf.size(flat)
+    pad = -n % _LANES
+    padded = tf.concat([flat, tf.ones(tf.reshape(pad, [1]), flat.dtype)], axis=0)
+    out = fn(padded)[:n]
+    if x.shape.is_fully_defined():
+        return tf.reshape(out, x.shape)
+    return tf.reshape(out, tf.shape(x))
 
 
 def _shape_arg(shape: tuple[Any, ...]) -> Any:
@@ -55,7 +79,12 @@ class TensorFlowBackend(Backend):
                 tf_dtype = tf.float32  # keep the backend's float32 convention
             elif array.dtype == np.int64:
                 tf_dtype = tf.int32
-        return tf.convert_to_tensor(x, dtype=tf_dtype)
+        try:
+            return tf.convert_to_tensor(x, dtype=tf_dtype)
+        except (TypeError, ValueError):  # e.g. int -> bool: cast like numpy.asarray(x, dtype)
+            if tf_dtype is None:
+                raise
+            return tf.convert_to_tensor(np.asarray(x).astype(tf_dtype.as_numpy_dtype))
 
     def to_numpy(self, x: Array) -> Any:
         if x.dtype == tf.bfloat16:  # NumPy has no native bfloat16
@@ -111,17 +140,22 @@ class TensorFlowBackend(Backend):
 
     def full(self, shape: tuple[Any, ...], value: float | int | bool, dtype: DType,
              like: Array) -> Array:
-        return tf.fill(_shape_arg(shape), tf.constant(value, dtype=_DTYPES[dtype]))
+        return tf.fill(_shape_arg(shape), self.asarray(value, dtype=dtype))
 
     # ----- elementwise and reductions ---------------------------------------------------------
     def log(self, x: Array) -> Array:
-        return tf.math.log(x)
+        return _lane_aligned(tf.math.log, x)
 
     def sigmoid(self, x: Array) -> Array:
-        return tf.sigmoid(x)
+        return _lane_aligned(tf.sigmoid, x)
 
     def softmax(self, x: Array, axis: int = -1) -> Array:
-        return tf.nn.softmax(x, axis=axis)
+        # exp(x - max) / sum of the exponentials sorted ascending (the Backend contract: rows
+        # that are permutations of each other get bitwise-equal normalizers)
+        top = tf.reduce_max(x, axis=axis, keepdims=True)
+        top = tf.stop_gradient(tf.where(tf.math.is_finite(top), top, tf.zeros_like(top)))
+        ex = _lane_aligned(tf.exp, x - top)
+        return ex / tf.reduce_sum(tf.sort(ex, axis=axis), axis=axis, keepdims=True)
 
     def log_softmax(self, x: Array, axis: int = -1) -> Array:
         return tf.nn.log_softmax(x, axis=axis)

@@ -14,10 +14,9 @@ import tensorflow as tf
 from rich.console import Console
 from rich.table import Table
 
-from moe_router.complexity import init_router_state
 from moe_router.config import MoEConfig
 from moe_router.demo import demo_configs, histogram_text
-from moe_router.weights import init_weights, reference_forward
+from moe_router.weights import init_weights, param_shapes, reference_forward
 
 from .layers import MoE
 
@@ -39,26 +38,32 @@ def run_demo(console: Console, num_tokens: int = T) -> None:
     """Print the Keras layer table (see the module docstring)."""
     x_TD = clustered_hidden(num_tokens)
     token_ids = np.random.default_rng(1).integers(0, 32000, size=num_tokens).astype(np.int32)
-    table = Table(title=f"Keras MoE layer (TensorFlow, tf.function, sparse 'split' dispatch) on "
+    table = Table(title=f"Keras MoE layer (TensorFlow, tf.function, 'tensorflow:split') on "
                         f"clustered hidden states, T={num_tokens}, D={D}, E={E}")
     for column in ("strategy", "mean k", "tokens per k", "max/mean load", "dropped",
                    "FLOPs vs top-2", "rel. err vs numpy"):
         table.add_column(column, justify="left" if column == "strategy" else "right")
     for name, router in demo_configs(E).items():
         config = MoEConfig(d_model=D, d_ff=F, router=router)
-        weights = {k: v * 10.0 for k, v in init_weights(config, seed=1).items()}
+        weights = {k: v * 10.0 if k in param_shapes(config) else v  # not the router state
+                   for k, v in init_weights(config, seed=1).items()}
         layer = MoE.from_weights(config, weights)
         kwargs = {"token_ids": tf.constant(token_ids)} if router.strategy == "hash" else {}
-        y = tf.function(lambda v, **kw: layer(v, **kw))(tf.constant(x_TD), **kwargs).numpy()
+
+        @tf.function
+        def forward(v: tf.Tensor, layer: MoE = layer, **kw: tf.Tensor) -> tuple[tf.Tensor, ...]:
+            y, plan = layer(v, return_plan=True, **kw)
+            return (y, plan.stats.mean_experts, plan.stats.k_histogram, plan.expert_counts,
+                    plan.num_dropped)
+
+        y, mean_k, k_hist, counts, dropped = (t.numpy() for t in forward(tf.constant(x_TD),
+                                                                         **kwargs))
         ref_kwargs = {"token_ids_T": token_ids} if router.strategy == "hash" else {}
-        if layer.router_state() is not None:
-            ref_kwargs["state"] = init_router_state(router)
         ref, _ = reference_forward(x_TD, weights, config, **ref_kwargs)
-        s = layer.routing_stats()
-        counts = s["expert_counts"].astype(np.float64)
-        mean_k = s["mean_experts"]
-        table.add_row(name, f"{mean_k:.2f}", histogram_text([int(c) for c in s["k_histogram"]]),
-                      f"{counts.max() / max(counts.mean(), 1e-9):.2f}", str(s["num_dropped"]),
+        counts = counts.astype(np.float64)
+        mean_k = float(mean_k)
+        table.add_row(name, f"{mean_k:.2f}", histogram_text([int(c) for c in k_hist]),
+                      f"{counts.max() / max(counts.mean(), 1e-9):.2f}", str(int(dropped)),
                       f"{mean_k / STATIC_K:.2f}x",
                       f"{np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-12):.1e}")
     console.print(table)

@@ -93,9 +93,10 @@ class MoE(keras.layers.Layer):
         self.seed = seed
         self.calibrating = False
         self.supports_masking = True
-        # Keras only XLA-compiles (jit_compile="auto") when every layer supports it
-        self.supports_jit = (config.dispatch == "auto"
-                             or default_registry().kernel_spec(config.dispatch).static_shapes)
+        # Keras only XLA-compiles (jit_compile="auto") when every layer supports it; portable
+        # names do (the policy picks a static-shape kernel under XLA)
+        self.supports_jit = framework is None or default_registry().kernel_spec(
+            config.dispatch).static_shapes
         self._seed_gen = keras.random.SeedGenerator(seed) if config.router.noise != "none" \
             else None
 
@@ -198,9 +199,9 @@ class MoE(keras.layers.Layer):
         try:
             return super().__call__(*args, **kwargs)
         except MoERouterError as err:  # Keras re-raised it as type(err)(decorated message)
-            original = err
-            while isinstance(original.__context__, type(err)):
-                original = original.__context__
+            original = err.__context__
+            if type(original) is not type(err) or str(original) not in str(err):
+                raise
             original._keras_call_info_injected = True  # outer Keras layers pass it through
             raise original from None
 
@@ -212,17 +213,16 @@ class MoE(keras.layers.Layer):
         has_losses = bool(r.aux_loss_coef or r.z_loss_coef or r.entropy_loss_coef)
         params = {name: var.value for name, var in self._params.items()}
         arrays = {name: tf.convert_to_tensor(var.value) for name, var in self._state.items()}
-        x = inputs if not _TF.is_array(inputs) else tf.cast(inputs, self.compute_dtype)
-        out = _step(_TF, params, state_from_arrays(_TF, arrays, self.config), x, self.config,
+        out = _step(_TF, params, state_from_arrays(_TF, arrays, self.config), inputs, self.config,
                     training=training, update_state=training or self.calibrating,
                     token_ids=token_ids, attention_probs=attention_probs,
                     complexity_scores=complexity_scores, mask=mask,
                     need_plan=return_plan or has_losses,
                     rng=self._seed_gen.next() if training and self._seed_gen else None)
         new = state_to_arrays(_TF, out.state)
-        for name in out.updated:  # counters: the increment (summed over replicas)
-            if name.startswith(OBSERVER_PREFIX):
-                self._state[name].assign_add(new[name] - arrays[name])
+        for name in out.updated:  # counters: the increment (summed over replicas); Keras'
+            if name.startswith(OBSERVER_PREFIX):  # own assign_add would assign old + increment
+                self._state[name].value.assign_add(new[name] - arrays[name])
             else:
                 self._state[name].assign(new[name])
         plan = out.plan

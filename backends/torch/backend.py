@@ -2,7 +2,10 @@
 
 Float math in float32, indices in int64. Sorting uses ``torch.sort(stable=True)`` on the negated
 values, so ties go to the lower index exactly like the NumPy oracle (``torch.topk`` gives no such
-guarantee). Everything is traceable by ``torch.compile`` (no Python branches on tensor values).
+guarantee). :meth:`TorchBackend.sigmoid` is built on ``torch.exp``: ``torch.sigmoid``'s CPU kernel
+rounds the elements past its last full vector differently, so equal logits could get unequal
+scores. Everything is traceable by ``torch.compile(fullgraph=True)`` (no Python branches on
+tensor values; NumPy constants are left to Dynamo).
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ class TorchBackend(Backend):
         device = _device(like)
         if isinstance(x, torch.Tensor):
             return x.to(device=device or x.device, dtype=torch_dtype or x.dtype)
-        if isinstance(x, np.ndarray):
+        if isinstance(x, np.ndarray) and not torch.compiler.is_compiling():
+            # (under torch.compile an ndarray is a constant Dynamo converts itself; it cannot
+            # read ndarray attributes)
             if x.dtype == np.float64 and torch_dtype is None:
                 torch_dtype = torch.float32  # keep the backend's float32 convention
             if not x.flags.writeable:  # torch refuses to alias read-only memory
@@ -102,10 +107,22 @@ class TorchBackend(Backend):
         return torch.log(x)
 
     def sigmoid(self, x: Array) -> Array:
-        return torch.sigmoid(x)
+        # torch.sigmoid's CPU kernel rounds the elements past its last full vector (scalar
+        # std::exp) unlike the others (SLEEF): equal logits could get unequal scores and break
+        # exact ties by position. exp is consistent; the split by sign avoids overflow (and keeps
+        # both branches' gradients finite for torch.where).
+        exp_neg = torch.exp(-torch.clamp(x, min=0.0))
+        exp_pos = torch.exp(torch.clamp(x, max=0.0))
+        return torch.where(x >= 0, 1.0 / (1.0 + exp_neg), exp_pos / (1.0 + exp_pos))
 
     def softmax(self, x: Array, axis: int = -1) -> Array:
-        return torch.softmax(x, dim=axis)
+        # exp(x - max) / sum of the exponentials sorted ascending (the Backend contract: rows
+        # that are permutations of each other get bitwise-equal normalizers)
+        top = torch.amax(x, dim=axis, keepdim=True) if x.shape[axis] else torch.zeros_like(
+            x.sum(dim=axis, keepdim=True))
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach()
+        ex = torch.exp(x - top)
+        return ex / torch.sort(ex, dim=axis).values.sum(dim=axis, keepdim=True)
 
     def log_softmax(self, x: Array, axis: int = -1) -> Array:
         return torch.log_softmax(x, dim=axis)

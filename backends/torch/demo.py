@@ -14,10 +14,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from moe_router.complexity import init_router_state
 from moe_router.config import MoEConfig, RouterConfig
 from moe_router.demo import histogram_text
-from moe_router.weights import init_weights, reference_forward
+from moe_router.weights import init_weights, param_shapes, reference_forward
 
 from .layers import MoE
 
@@ -59,15 +58,15 @@ def run_demo(console: Console, num_tokens: int = T) -> None:
         table.add_column(column, justify="left" if column == "strategy" else "right")
     for name, router in demo_configs().items():
         config = MoEConfig(d_model=D, d_ff=F, router=router)
-        weights = {k: v * 10.0 for k, v in init_weights(config, seed=1).items()}
+        params = param_shapes(config)  # scaled up; the router state (in the dict too) stays fresh
+        weights = {k: v * 10.0 if k in params else v
+                   for k, v in init_weights(config, seed=1).items()}
         layer = MoE.from_weights(config, weights).eval()
         with torch.no_grad():
-            y = layer(torch.from_numpy(x)).numpy()
-        kwargs = {}
-        if router.strategy in ("top_p", "complexity"):
-            kwargs["state"] = init_router_state(router)
-        ref, _ = reference_forward(x, weights, config, **kwargs)
-        s = layer.last_plan.summary()
+            y, plan = layer(torch.from_numpy(x), return_plan=True)
+        ref, _ = reference_forward(x, weights, config)  # the same (fresh) router state
+        s = plan.summary()
+        y = y.numpy()
         table.add_row(name, f"{s['mean_experts']:.2f}", histogram_text(s["k_histogram"]),
                       f"{s['max_load'] / max(s['mean_load'], 1e-9):.2f}", str(s["num_dropped"]),
                       f"{s['mean_experts'] / 2:.2f}x",

@@ -1,5 +1,6 @@
-"""Hugging Face drop-in: build a :class:`~moe_router_backends.torch.layers.MoE` equal to a transformers v5
-MoE block, swap blocks in a model, and switch a model's routing strategy in one call.
+"""Hugging Face drop-in: build a :class:`~moe_router_backends.torch.layers.MoE` equal to a
+transformers v5 MoE block, swap blocks in a model, and switch a model's routing strategy in one
+call.
 
 Supported blocks (transformers 5.x) and their routing conventions:
 
@@ -21,7 +22,6 @@ router module gets the same output-capturing hook the replaced one had.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from moe_router.config import MoEConfig, RouterConfig
-from moe_router.errors import ConfigError, InputError, InputTypeError, closest
+from moe_router.errors import InputError, InputTypeError
 from moe_router.weights import weight_shapes
 
-from .layers import MoE, warm_registry
+from .layers import MoE
 from .model import moe_layers
 
 #: class name of the supported blocks -> short family name
@@ -119,7 +119,8 @@ def hf_weights(block: nn.Module, config: MoEConfig) -> dict[str, torch.Tensor]:
 def from_hf_block(block: nn.Module, **router_overrides: Any) -> MoE:
     """A :class:`MoE` computing what ``block`` computes (same weights, device and dtype).
 
-    ``router_overrides`` change the routing right away (e.g. ``strategy="top_p"``).
+    ``router_overrides`` change the routing right away (e.g. ``strategy="top_p"``), checked
+    and completed like the changes of :func:`set_strategy`.
     """
     config = hf_config(block)
     if router_overrides:
@@ -178,21 +179,10 @@ def replace_moe_blocks(model: nn.Module, *, allow_none: bool = False,
     return len(targets)
 
 
-class UnknownFieldError(ConfigError, TypeError):
-    """A change names no :class:`RouterConfig` field: a :class:`ConfigError` naming it (with the
-    valid fields), and a ``TypeError`` like the one ``dataclasses.replace`` raises."""
-
-
 def _router_changes(router: RouterConfig, changes: Mapping[str, Any]) -> dict[str, Any]:
-    """``changes`` checked against the RouterConfig fields; a new ``strategy`` without an
-    explicit ``normalize_weights`` resets it to the strategy's default (``None``)."""
-    fields = [f.name for f in dataclasses.fields(RouterConfig)]
-    for name in changes:
-        if name not in fields:
-            hint = closest(name, fields)
-            raise UnknownFieldError(name, changes[name], "a RouterConfig field"
-                                    + (f" (did you mean {hint!r}?)" if hint else "")
-                                    + f"; valid fields: {', '.join(fields)}")
+    """``changes`` with, for a new ``strategy`` without an explicit ``normalize_weights``, the
+    weights' normalization reset to the strategy's default (``None``). Unknown fields are
+    refused by ``RouterConfig.replace`` (:class:`~moe_router.errors.UnknownFieldError`)."""
     out = dict(changes)
     if ("strategy" in out and out["strategy"] != router.strategy
             and "normalize_weights" not in out):
@@ -230,7 +220,6 @@ def set_strategy(model: nn.Module, **router_changes: Any) -> int:
                              "layer's weight shapes; build a new layer instead")
         configs.append(new)
     for layer, new in zip(layers, configs):
-        warm_registry(new)
         layer.config = new
         layer.reset_router_state()
     return len(layers)

@@ -10,7 +10,6 @@ counters ``observers.<name>.<field>`` are non-persistent buffers).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from moe_router.config import MoEConfig
-from moe_router.errors import InputTypeError
+from moe_router.errors import InputError, InputTypeError
 from moe_router.layer.observers import active_observers
 from moe_router.layer.state import (
     PERSISTENT,
@@ -81,7 +80,20 @@ class _LayerStages(TorchStages):
 
 
 def _get(module: nn.Module, name: str) -> Any:
-    return functools.reduce(getattr, name.split("."), module)
+    """The parameter or buffer of flat name ``name``, read at call time (``functional_call``
+    swaps the entries of ``_parameters`` / ``_buffers``)."""
+    *path, leaf = name.split(".")
+    for part in path:
+        module = module._modules[part]
+    tensor = module._parameters.get(leaf)
+    return module._buffers[leaf] if tensor is None else tensor
+
+
+def _rename_old_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                     *args: Any) -> None:
+    """Checkpoints from before the flat state names kept the controller in ``router_state``."""
+    if prefix + "router_state" in state_dict and prefix + ROUTER_STATE not in state_dict:
+        state_dict[prefix + ROUTER_STATE] = state_dict.pop(prefix + "router_state")
 
 
 class MoE(nn.Module):
@@ -98,9 +110,7 @@ class MoE(nn.Module):
                  device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if not isinstance(config, MoEConfig):
-            raise InputTypeError("config", f"expected a MoEConfig, got {type(config).__name__}")
-        warm_registry(config)
+        self._names: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         self.config = config
         self.calibrating = False
         self.router = Router()
@@ -112,7 +122,25 @@ class MoE(nn.Module):
                                               persistent=name in PERSISTENT)
         self._reset_parameters(seed)
         self.to(device=device, dtype=dtype)
-        self._last: tuple[RoutingPlan | None, Any] = (None, None)
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
+        self._last: list[Any] = [None, None]  # plan, replan of the last forward
+
+    @property
+    def config(self) -> MoEConfig:
+        """The layer's :class:`MoEConfig`; a new one may change the routing, not the weight or
+        state names (``set_strategy`` assigns it)."""
+        return self._config
+
+    @config.setter
+    def config(self, config: MoEConfig) -> None:
+        if not isinstance(config, MoEConfig):
+            raise InputTypeError("config", f"expected a MoEConfig, got {type(config).__name__}")
+        names = (tuple(param_shapes(config)), tuple(state_fields(config)))
+        if self._names is not None and names != self._names:
+            raise InputError("config", "the new config changes the layer's weight or state "
+                             "names; build a new layer instead")
+        warm_registry(config)
+        self._config, self._names = config, names
 
     def _owner(self, name: str) -> nn.Module:
         """The submodule holding flat name ``name`` (created on the way: plain containers)."""
@@ -175,13 +203,13 @@ class MoE(nn.Module):
     # ----- state -----------------------------------------------------------------------------
     def layer_state(self) -> LayerState:
         """The current :class:`~moe_router.layer.state.LayerState` (views of the buffers)."""
-        return state_from_arrays(_TORCH, {name: _get(self, name)
-                                          for name in state_fields(self.config)}, self.config)
+        return state_from_arrays(_TORCH, {name: _get(self, name) for name in self._names[1]},
+                                 self.config)
 
     def export_state(self) -> dict[str, np.ndarray]:
         """Every flat state array (``router.state``, ``router.expert_bias``, observers)."""
         return {name: _get(self, name).detach().cpu().numpy().copy()
-                for name in state_fields(self.config)}
+                for name in self._names[1]}
 
     def _write_state(self, state: LayerState, names: tuple[str, ...]) -> None:
         arrays = state_to_arrays(_TORCH, state)
@@ -191,8 +219,9 @@ class MoE(nn.Module):
 
     @property
     def router_state(self) -> RouterState:
-        """The controller state (``router.state``) as a RouterState of NumPy float32 scalars."""
-        return RouterState(*_get(self, ROUTER_STATE).detach().cpu().numpy().copy())
+        """The controller state (``router.state``): a :class:`~moe_router.RouterState` of float32
+        0-d tensors (a detached copy on the CPU: host reading, safe to keep)."""
+        return RouterState(*_get(self, ROUTER_STATE).detach().cpu().clone().unbind(0))
 
     def reset_router_state(self) -> None:
         """A fresh controller state (top-p controller, complexity calibration)."""
@@ -230,7 +259,7 @@ class MoE(nn.Module):
         plan, replan = self._last
         if plan is None and replan is not None:
             plan = replan()
-            self._last = (plan, None)
+            self._last[:] = [plan, None]
         return plan
 
     @property
@@ -253,7 +282,7 @@ class MoE(nn.Module):
             device = x.device.type
             if torch.is_autocast_enabled(device):
                 x = x.to(torch.get_autocast_dtype(device))
-        params = {name: _get(self, name) for name in param_shapes(self.config)}
+        params = {name: _get(self, name) for name in self._names[0]}
         out: StepOutput = layer_step(
             _TORCH, params, self.layer_state(), x, self.config,
             training=self.training and not self.calibrating,
@@ -262,7 +291,7 @@ class MoE(nn.Module):
             need_plan=return_plan, stages=_LayerStages(self.router))
         if out.updated:
             self._write_state(out.state, out.updated)
-        self._last = (out.plan, out.replan)
+        self._last[:] = [out.plan, out.replan]
         return (out.y, self.last_plan) if return_plan else out.y
 
     def extra_repr(self) -> str:

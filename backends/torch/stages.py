@@ -3,8 +3,8 @@
 - :meth:`TorchStages.router_logits`: the router GEMM in float32 *outside* autocast (autocast would
   otherwise run it in bfloat16/float16 and change routing decisions).
 - :meth:`TorchStages.fast_select`: plain top-k at inference in a few tensor ops, with the same
-  decisions and weights as :func:`moe_router.route` (stable sort: ties to the lower expert
-  index); ``None`` whenever anything beyond plain top-k is configured.
+  decisions and weights as :func:`moe_router.route` (the same order keys, stable sort: ties to
+  the lower expert index); ``None`` whenever anything beyond plain top-k is configured.
 """
 
 from __future__ import annotations
@@ -42,22 +42,27 @@ class TorchStages(LayerStages):
         r = config
         if (r.strategy != "top_k" or r.num_null_experts or r.balanced_debug
                 or r.capacity_factor is not None or (r.num_groups or 1) > 1
-                or r.max_slots != r.k or route_kwargs.get("mask_T") is not None):
+                or r.max_experts not in (None, r.k) or route_kwargs.get("mask_T") is not None):
+            # (top_k without null experts has K = max_experts or k)
             return None
         logits_TE = logits_TE.float()
         if r.score_func == "sigmoid":
             probs_TE = torch.sigmoid(logits_TE)
         else:
             probs_TE = torch.softmax(logits_TE, dim=-1)
-        scores_TE = probs_TE
+        # the order of route(): the logits (exact: the scores are increasing in them, where
+        # float32 scores may tie by underflow or saturation), or the float32 score + bias
+        order_TE = logits_TE
         bias_E = route_kwargs.get("expert_bias_E")
         if bias_E is not None:
-            scores_TE = probs_TE + bias_E.float()[None, :]
-        ids_TK = torch.sort(-scores_TE, dim=-1, stable=True).indices[:, : r.k]
+            order_TE = probs_TE + bias_E.float()[None, :]
+        ids_TK = torch.sort(-order_TE, dim=-1, stable=True).indices[:, : r.k]
         gates_TK = torch.gather(probs_TE, 1, ids_TK)
         if r.normalize_weights is not False:  # top_k renormalizes by default
             total_T1 = gates_TK.sum(dim=-1, keepdim=True)
-            gates_TK = gates_TK / torch.where(total_T1 > 0, total_T1, 1.0)
+            if r.score_func == "sigmoid":  # softmax: the top-1 probability is >= 1/E > 0
+                total_T1 = torch.where(total_T1 > 0, total_T1, 1.0)
+            gates_TK = gates_TK / total_T1
         if r.route_scale != 1.0:
             gates_TK = gates_TK * float(r.route_scale)
         return ids_TK, gates_TK

@@ -17,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import numpy as np
-
 
 def run_calibration(layers: Sequence[Any], batches: Iterable[Any], forward: Callable[[Any], Any],
                     *, reset: bool = True) -> dict[str, Any]:
@@ -45,13 +43,14 @@ def run_calibration(layers: Sequence[Any], batches: Iterable[Any], forward: Call
     finally:
         for layer in layers:
             layer.calibrating = False
-    states = [{name: float(np.asarray(value)) for name, value in
-               layer.router_state._asdict().items()} for layer in layers]
+    states = [{name: float(value) for name, value in layer.router_state._asdict().items()}
+              for layer in layers]  # float(): any framework's scalar, on any device
     return {"batches": count, "router_states": states}
 
 
 def default_forward(model: Any) -> Callable[[Any], Any]:
-    """``model(**batch)`` for a mapping batch, ``model(*batch)`` for a tuple, else ``model(batch)``."""
+    """``model(**batch)`` for a mapping batch, ``model(*batch)`` for a tuple, else
+    ``model(batch)``."""
     from collections.abc import Mapping
 
     def forward(batch: Any) -> Any:

@@ -291,18 +291,24 @@ def resolve_kernel(b: Backend, request: str, info: DispatchInfo, x_TD: Array) ->
     return chosen or default_policy(request, info)
 
 
+def dispatch_info(b: Backend, config: MoEConfig, x_TD: Array, num_slots: int,
+                  traced: bool = False) -> DispatchInfo:
+    """The :class:`DispatchInfo` of ``x_TD``'s tokens with K = ``num_slots`` (what a policy and
+    a kernel see; with :func:`resolve_kernel` it tells which kernel a config runs)."""
+    T = b.dim(x_TD, 0)
+    return DispatchInfo(num_tokens=T if isinstance(T, int) else None, num_slots=int(num_slots),
+                        num_experts=config.num_experts,
+                        capacity=slots_per_expert(b, config, T, x_TD), traced=traced,
+                        config=config)
+
+
 def expert_compute(b: Backend, x_TD: Array, ids_TK: Array, gates_TK: Array,
                    params: Mapping[str, Array], config: MoEConfig, request: str | None = None,
                    traced: bool = False) -> Array:
     """``(T, D)``: sum over used slots of ``gate * expert(x)`` with the resolved kernel."""
     from ..registry import default_registry
 
-    T = b.dim(x_TD, 0)
-    K = b.shape(ids_TK)[1]
-    num_tokens = T if isinstance(T, int) else None
-    info = DispatchInfo(num_tokens=num_tokens, num_slots=int(K), num_experts=config.num_experts,
-                        capacity=slots_per_expert(b, config, T, x_TD), traced=traced,
-                        config=config)
+    info = dispatch_info(b, config, x_TD, b.shape(ids_TK)[1], traced)
     name = resolve_kernel(b, request or config.dispatch, info, x_TD)
     registry = default_registry()
     spec, kernel = registry.kernel_spec(name), registry.kernel(name)

@@ -64,9 +64,16 @@ class StepEvent(NamedTuple):
 
 
 class Observer(Protocol):
-    """What an observer implements (a class registered by name; instantiated without args)."""
+    """What an observer implements (a class registered by name; instantiated without args).
+
+    Fields are counters: ``update`` returns the old value plus this step's increment (Keras
+    sums the increments of ``tf.distribute`` replicas, torch and JAX reduce on read). An
+    observer whose ``observes_inference`` is False (the default) is only updated by
+    state-updating calls (training, calibration), so inference keeps its fast paths.
+    """
 
     name: str
+    observes_inference: bool
 
     def required(self, config: MoEConfig) -> bool:
         """True when ``config`` needs this observer even if not listed in ``config.observers``."""
@@ -90,6 +97,7 @@ class ExpertLoad:
     """
 
     name = "expert_load"
+    observes_inference = False
 
     def required(self, config: MoEConfig) -> bool:
         return bool(config.router.use_expert_bias)
@@ -106,10 +114,15 @@ class ExpertLoad:
 
 
 def active_observers(config: MoEConfig) -> tuple[Any, ...]:
-    """The observers of ``config``'s layer, sorted by name (resolved through the registry)."""
+    """The observers of ``config``'s layer, sorted by name (resolved through the registry,
+    remembered per config until a plugin is registered or removed)."""
     from ..registry import default_registry
 
     registry = default_registry()
+    return registry.memo(("active_observers", config), lambda: _find_observers(registry, config))
+
+
+def _find_observers(registry: Any, config: MoEConfig) -> tuple[Any, ...]:
     found = []
     for name in sorted(set(registry.observer_names()) | set(config.observers)):
         observer = registry.observer(name)

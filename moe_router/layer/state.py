@@ -9,17 +9,17 @@ never needs to know what the fields are.
 
 Flat names (also the storage names of the adapters):
 
-=================================  ==========  =========  ===========================================
-name                               shape       dtype      meaning
-=================================  ==========  =========  ===========================================
-``router.state``                   ``(5,)``    float32    :class:`~moe_router.RouterState` fields
-                                                          in order (top_p, score_mean, score_var,
-                                                          score_count, k_offset); exported
-``router.expert_bias``             ``(E,)``    float32    aux-free balancing bias; exported;
-                                                          only with ``use_expert_bias``
-``observers.<name>.<field>``       observer's  observer's counters of an active observer
-                                                          (transient: not exported)
-=================================  ==========  =========  ===========================================
+================================  ==========  =========  ==========================================
+name                              shape       dtype      meaning
+================================  ==========  =========  ==========================================
+``router.state``                  ``(5,)``    float32    :class:`~moe_router.RouterState` fields
+                                                         in order (top_p, score_mean, score_var,
+                                                         score_count, k_offset); exported
+``router.expert_bias``            ``(E,)``    float32    aux-free balancing bias; exported;
+                                                         only with ``use_expert_bias``
+``observers.<name>.<field>``      observer's  observer's counters of an active observer
+                                                         (transient: not exported)
+================================  ==========  =========  ==========================================
 """
 
 from __future__ import annotations

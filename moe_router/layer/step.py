@@ -106,7 +106,7 @@ def stages_for(b: Backend) -> LayerStages:
     return factory() if factory is not None else LayerStages(b)
 
 
-# ----- validation ----------------------------------------------------------------------------------
+# ----- validation --------------------------------------------------------------------------------
 def check_input(b: Backend, x: Any, d_model: int) -> None:
     """Typed errors naming ``x`` for a non-array, a non-float dtype or a wrong last dim."""
     if not b.is_array(x):
@@ -141,7 +141,7 @@ def _product(shape: tuple[int, ...]) -> int:
     return out
 
 
-# ----- the step ------------------------------------------------------------------------------------
+# ----- the step ----------------------------------------------------------------------------------
 def layer_step(b: Backend, params: Mapping[str, Array], state: LayerState, x: Array,
                config: MoEConfig, *, training: bool = False, update_state: bool | None = None,
                token_ids: Any = None, attention_probs: Any = None,
@@ -190,9 +190,10 @@ def layer_step(b: Backend, params: Mapping[str, Array], state: LayerState, x: Ar
     if stateful:
         kwargs["state"] = state.router
     observers = active_observers(config)
+    watching = update or any(getattr(o, "observes_inference", False) for o in observers)
     plan: RoutingPlan | None = None
     fast = None
-    if not (need_plan or training or update or observers):
+    if not (need_plan or training or watching):
         fast = stages.fast_select(logits_TE, r, kwargs)
     if fast is not None:
         ids_TK, gates_TK = fast
@@ -206,7 +207,7 @@ def layer_step(b: Backend, params: Mapping[str, Array], state: LayerState, x: Ar
         router_state = type(state.router)(*(b.stop_gradient(v) for v in plan.state))
         updated.append(ROUTER_STATE)
     observed = dict(state.observers)
-    if plan is not None and observers:
+    if plan is not None and observers and watching:
         event = StepEvent(plan=plan, training=training, update_state=update,
                           mask_T=kwargs.get("mask_T"), config=config)
         for observer in observers:

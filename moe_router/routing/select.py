@@ -50,6 +50,6 @@ def clamp_count(b: Backend, n_T: Array, low: int, high: int) -> Array:
 
 def compact(b: Backend, indices_TK: Array, weights_TK: Array) -> tuple[Array, Array]:
     """Move used slots (index >= 0) to the front, keeping their order."""
-    perm_TK = b.argsort_desc(b.cast(indices_TK >= 0, "float32"), axis=-1)
+    perm_TK = b.argsort(b.cast(indices_TK < 0, "int"), axis=-1)  # stable: used (0) first
     return (b.take_along_axis(indices_TK, perm_TK, axis=-1),
             b.take_along_axis(weights_TK, perm_TK, axis=-1))

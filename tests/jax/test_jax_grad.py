@@ -36,7 +36,7 @@ def _numeric(loss, params, name: str, index: tuple[int, ...], eps: float) -> flo
 
 
 def test_numeric_gradient_check_float64():
-    mc = moe_config("top_k", num_shared_experts=1, shared_expert_gate=True, dispatch="tiles")
+    mc = moe_config("top_k", num_shared_experts=1, shared_expert_gate=True, dispatch="jax:tiles")
     with jax.enable_x64(True):
         layer = MoE(mc, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
         params = layer.params_dict()
@@ -77,3 +77,26 @@ def test_numeric_gradient_check_float64():
         np.testing.assert_allclose(float(gx[index]), num, rtol=2e-2,
                                    atol=1e-3 * float(jnp.abs(gx).max()))
     assert jnp.ones(1).dtype == jnp.float32  # x64 did not leak out of the context
+
+
+def test_every_kernel_has_the_same_gradients():
+    # top_p leaves unused slots; capacity drops: gradients must ignore both alike
+    mc = moe_config("top_p")
+    params = MoE(mc, rngs=nnx.Rngs(3)).params_dict()
+    x = jnp.asarray(inputs((10,), seed=4))
+    target = jnp.asarray(np.random.default_rng(5).standard_normal(x.shape), jnp.float32)
+    kernels = ("jax:tiles", "jax:ragged_dot", "sorted", "dense", "gather")
+
+    @jax.jit
+    def all_grads(params, x):
+        def loss(params, x, dispatch):
+            y, plan = apply(params, x, mc, dispatch=dispatch)
+            return jnp.sum(y * target) + plan.losses.total
+
+        return [jax.grad(loss, argnums=(0, 1))(params, x, k) for k in kernels]
+
+    grads = all_grads(params, x)
+    for kernel, got in zip(kernels[1:], grads[1:]):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(grads[0])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6,
+                                       err_msg=kernel)

@@ -14,8 +14,8 @@ import moe_router as mr  # noqa: E402
 from moe_router.errors import ConfigError, InputError, InputTypeError  # noqa: E402
 from moe_router.flax import MoE, apply, params_from_weights  # noqa: E402
 from moe_router.layer.experts import DispatchInfo  # noqa: E402
-from moe_router_backends.jax.dispatch import choose_kernel  # noqa: E402
 from moe_router.weights import reference_forward, weight_shapes  # noqa: E402
+from moe_router_backends.jax.dispatch import choose_kernel  # noqa: E402
 
 pytestmark = pytest.mark.jax
 
@@ -324,12 +324,15 @@ def test_weights_round_trip_and_validation():
 
 def test_input_errors_name_the_argument():
     layer = MoE(moe_config("top_k"), rngs=nnx.Rngs(0))
-    with pytest.raises(InputError, match="d_model"):
-        layer(jnp.zeros((3, D + 1)))
-    with pytest.raises(InputTypeError, match="floating"):
-        layer(jnp.zeros((3, D), jnp.int32))
-    with pytest.raises(InputTypeError, match="jax array"):
-        layer([[0.0] * D])
+    bad_x = [(InputError, "d_model", jnp.zeros((3, D + 1))),
+             (InputTypeError, "floating", jnp.zeros((3, D), jnp.int32)),
+             (InputTypeError, "jax array", [[0.0] * D]),
+             (InputError, "NaN or Inf", jnp.full((2, D), jnp.nan))]
+    for error, words, x in bad_x:
+        for call in (layer, lambda x: apply(layer.params_dict(), x, layer.config)):
+            with pytest.raises(error, match=words) as info:
+                call(x)
+            assert info.value.argument == "x"
     with pytest.raises(InputTypeError, match="MoEConfig"):
         MoE(ROUTERS["top_k"], rngs=nnx.Rngs(0))
     with pytest.raises(InputError, match="token_ids"):

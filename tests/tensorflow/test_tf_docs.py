@@ -33,8 +33,8 @@ def test_keras_docs_example_trains_saves_and_loads(tmp_path, capsys) -> None:
 def test_demo_table_has_every_strategy_and_parity_with_numpy() -> None:
     from rich.console import Console
 
-    from moe_router_backends.tensorflow.demo import run_demo
     from moe_router.demo import demo_configs
+    from moe_router_backends.tensorflow.demo import run_demo
 
     console = Console(record=True, width=200)
     run_demo(console, num_tokens=64)

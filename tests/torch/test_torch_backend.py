@@ -1,4 +1,9 @@
-"""TorchBackend primitives and ``route()`` parity with the NumPy oracle."""
+"""What only PyTorch has: ``torch.compile(fullgraph=True)`` tracing of the primitives and of
+``route()``, bfloat16 logits, generator conventions, device placement and autograd details.
+
+Everything the backends share (each primitive and ``route()`` against NumPy, ties, dtypes) is in
+tests/test_conformance.py.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from router_cases import assert_same_plan, case_inputs, case_table, plan_fields  # noqa: E402
+
 import moe_router as mr  # noqa: E402
 from moe_router.registry import get_backend  # noqa: E402
-from router_cases import router_cases  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
-E = 8
-
-STRATEGIES = router_cases(E)
+CASES = case_table(8)
 
 
 @pytest.fixture
@@ -23,77 +27,82 @@ def tb():
     return get_backend("torch")
 
 
-def test_registered_and_found_by_type(tb):
-    assert tb.name == "torch" and tb.framework == "torch"
-    assert mr.backend_for(torch.zeros(1)) is tb
+def _compiled(fn):
+    """fullgraph capture with the cheap ``aot_eager`` backend (graph breaks fail here)."""
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend="aot_eager")
 
 
-def test_stable_sort_ties_to_lower_index(tb):
-    x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0]])
-    assert tb.argsort_desc(x).tolist() == [[1, 2, 4, 3, 0]]
-    values, idx = tb.top_k(x, 3)
-    assert idx.tolist() == [[1, 2, 4]] and values.tolist() == [[3.0, 3.0, 3.0]]
-    assert idx.dtype == torch.int64
+def test_primitives_trace_under_compile_fullgraph(tb):
+    rng = np.random.default_rng(0)
+    perm = torch.from_numpy(rng.permutation(300))
+    keys = torch.from_numpy(rng.integers(0, 4, size=(5, 37)))
+    x = torch.from_numpy((rng.normal(size=(5, 37)) * 4).astype(np.float32))
+
+    def primitives(perm, keys, x):
+        return (tb.invert_permutation(perm), tb.argsort(keys), tb.argsort_desc(x),
+                tb.gelu(x), tb.silu(x), tb.relu(x), tb.sigmoid(x), tb.softmax(x),
+                tb.stop_gradient(x), tb.cast_like(keys, x), tb.cast(keys, "int32"),
+                tb.full((2,), 3, "int32", like=x))
+
+    for got, want in zip(_compiled(primitives)(perm, keys, x), primitives(perm, keys, x),
+                         strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_one_hot_minus_one_and_bincount(tb):
-    idx = torch.tensor([[0, -1], [2, 2]])
-    oh = tb.one_hot(idx, 3)
-    assert oh[0, 1].tolist() == [0.0, 0.0, 0.0] and oh[1, 0].tolist() == [0.0, 0.0, 1.0]
-    assert tb.bincount(idx, 3).tolist() == [1, 0, 2]
+@pytest.mark.parametrize("names", [("top_p", "capacity_prob"), ("expert_choice", "hash")])
+def test_route_traces_under_compile_fullgraph(tb, names):
+    inputs = {name: case_inputs(CASES[name], 24, seed=3) for name in names}
+
+    def route_all(tensors):
+        return {name: plan_fields(mr.route(tensors[name][0], CASES[name].config,
+                                           **tensors[name][1])) for name in names}
+
+    tensors = {name: (torch.from_numpy(logits), {k: torch.from_numpy(v)
+                                                 for k, v in extra.items()})
+               for name, (logits, extra) in inputs.items()}
+    route_all(tensors)  # eager first: the registry imports a strategy on its first use
+    out = _compiled(route_all)(tensors)
+    for name, (logits, extra) in inputs.items():
+        assert_same_plan(tb, out[name], mr.route(logits, CASES[name].config, **extra))
 
 
-def test_where_with_python_scalars(tb):
-    cond = torch.tensor([True, False])
-    assert tb.where(cond, 1.0, 0.0).tolist() == [1.0, 0.0]
-    assert tb.where(cond, torch.tensor([5, 6]), -1).tolist() == [5, -1]
-
-
-def test_random_seeded_and_generator(tb):
-    like = torch.zeros(3, 4)
-    assert torch.equal(tb.random_normal(7, like), tb.random_normal(7, like))
-    g = torch.Generator().manual_seed(1)
-    assert tb.random_uniform(g, like).shape == (3, 4)
-    assert tb.random_uniform(None, like).dtype == torch.float32
-
-
-def test_is_tracing_only_under_compile(tb):
-    assert not tb.is_tracing(torch.zeros(1))
-
-
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_route_matches_numpy(name):
-    config = STRATEGIES[name]
-    rng = np.random.default_rng(3)
-    T = 37
-    logits = rng.normal(size=(T, config.num_choices)).astype(np.float32)
-    ids = rng.integers(0, 1000, size=T)
-    bias = (rng.normal(size=E) * 0.1).astype(np.float32)
-    kw_np = dict(token_ids_T=ids)
-    kw_t = dict(token_ids_T=torch.from_numpy(ids))
-    if name == "top_k_sigmoid_groups":
-        kw_np["expert_bias_E"], kw_t["expert_bias_E"] = bias, torch.from_numpy(bias)
-    ref = mr.route(logits, config, **kw_np)
-    out = mr.route(torch.from_numpy(logits), config, **kw_t)
-    assert isinstance(out.expert_indices, torch.Tensor)
-    np.testing.assert_array_equal(out.expert_indices.numpy(), ref.expert_indices)
-    np.testing.assert_allclose(out.expert_weights.numpy(), ref.expert_weights, atol=1e-6)
-    np.testing.assert_array_equal(out.expert_counts.numpy(), ref.expert_counts)
-    assert int(out.num_dropped) == int(ref.num_dropped)
-    np.testing.assert_allclose(float(out.losses.total), float(ref.losses.total), rtol=1e-5)
-    np.testing.assert_array_equal(out.stats.k_histogram.numpy(), ref.stats.k_histogram)
-
-
-def test_route_bf16_logits_run_in_float32():
-    logits = torch.randn(5, E, dtype=torch.bfloat16)
-    plan = mr.route(logits, STRATEGIES["top_k"])
-    ref = mr.route(logits.float().numpy(), STRATEGIES["top_k"])
+def test_bf16_logits_are_routed_in_float32():
+    logits = torch.randn(5, 8, dtype=torch.bfloat16)
+    config = CASES["top_k"].config
+    plan = mr.route(logits, config)
     assert plan.expert_weights.dtype == torch.float32
+    ref = mr.route(logits.float().numpy(), config)
     np.testing.assert_array_equal(plan.expert_indices.numpy(), ref.expert_indices)
 
 
-def test_route_nan_raises():
-    logits = torch.randn(4, E)
-    logits[1, 2] = float("nan")
-    with pytest.raises(mr.InputError, match="router_logits_TE"):
-        mr.route(logits, STRATEGIES["top_k"])
+def test_random_generator_seed_or_global(tb):
+    like = torch.zeros(3, 4)
+    assert torch.equal(tb.random_normal(7, like), tb.random_normal(7, like))
+    g = torch.Generator().manual_seed(1)
+    first, second = tb.random_uniform(g, like), tb.random_uniform(g, like)
+    assert first.shape == (3, 4) and not torch.equal(first, second)  # the generator advances
+    assert tb.random_uniform(None, like).dtype == torch.float32
+    with pytest.raises(TypeError, match="rng"):
+        tb.random_uniform("seed", like)
+
+
+def test_stop_gradient_detaches_and_sigmoid_gradients_stay_finite(tb):
+    x = torch.tensor([-200.0, -30.0, 0.0, 1.0, 200.0], requires_grad=True)
+    assert not tb.stop_gradient(x).requires_grad
+    tb.sigmoid(x).sum().backward()
+    s = torch.sigmoid(x.detach())
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad, s * (1 - s))
+
+
+def test_is_host_on_cpu(tb):
+    assert tb.is_host(torch.zeros(2))
+
+
+@pytest.mark.gpu
+def test_is_host_false_on_cuda(tb):
+    x = torch.zeros(2, device="cuda")
+    assert not tb.is_host(x)
+    assert tb.is_host(tb.to_numpy(x)) is not None  # to_numpy copies to the host

@@ -106,3 +106,76 @@ def test_unsupported_block_is_a_clear_error():
 
     with pytest.raises(InputTypeError, match="not a supported MoE block"):
         MoE.from_hf(torch.nn.Linear(2, 2))
+
+
+# ----- replace_moe_blocks: nothing to replace ---------------------------------------------------
+def test_replacing_nothing_is_an_error_naming_model():
+    from moe_router import InputError
+
+    config = transformers.PhimoeConfig(**COMMON, intermediate_size=48, num_local_experts=4,
+                                       num_experts_per_tok=2)
+    torch.manual_seed(0)
+    phi = transformers.PhimoeForCausalLM(config).eval()
+    with pytest.raises(InputError, match=r"^model: .*PhimoeSparseMoeBlock"):
+        replace_moe_blocks(phi)
+    with pytest.raises(InputError, match="^model: has no supported"):
+        replace_moe_blocks(torch.nn.Linear(2, 2))
+    assert replace_moe_blocks(phi, allow_none=True) == 0
+    assert not [m for m in phi.modules() if isinstance(m, MoE)]
+
+
+# ----- set_strategy ---------------------------------------------------------------------------
+def test_set_strategy_unknown_field_lists_the_valid_ones():
+    from moe_router import ConfigError
+    from moe_router.torch import UnknownFieldError
+
+    model = _model("mixtral")
+    replace_moe_blocks(model)
+    with pytest.raises(UnknownFieldError, match=r"topp=0\.5 is invalid.*'top_p'.*num_experts"):
+        set_strategy(model, strategy="top_p", topp=0.5)
+    with pytest.raises(ConfigError):
+        set_strategy(model, topp=0.5)
+    with pytest.raises(TypeError):  # like dataclasses.replace
+        set_strategy(model, topp=0.5)
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    assert all(layer.config.router.strategy == "top_k" for layer in layers)  # unchanged
+
+
+def test_set_strategy_resets_normalize_weights_unless_given():
+    model = _model("mixtral")
+    replace_moe_blocks(model)
+    layer = [m for m in model.modules() if isinstance(m, MoE)][0]
+    assert layer.config.router.normalize_weights is True  # Mixtral renormalizes its top-k
+    set_strategy(model, strategy="top_p", top_p=0.5)
+    assert layer.config.router.normalize_weights is None  # top_p's default: raw weights
+    set_strategy(model, strategy="top_k", normalize_weights=True)
+    assert layer.config.router.normalize_weights is True
+    set_strategy(model, k=1)  # no new strategy: kept
+    assert layer.config.router.normalize_weights is True
+
+
+def test_set_strategy_resets_the_router_state():
+    from moe_router.torch import calibrate
+
+    model = _model("mixtral")
+    replace_moe_blocks(model)
+    set_strategy(model, strategy="complexity", target_experts=1.5, max_experts=3)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    summary = calibrate(model, [ids, ids[:, :5]])
+    assert summary["batches"] == 2 and len(summary["router_states"]) == 2
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    assert all(float(layer.router_state.score_count) == 2.0 for layer in layers)
+    assert not model.training
+    set_strategy(model, strategy="complexity", target_experts=2.0, max_experts=3)
+    assert all(float(layer.router_state.score_count) == 0.0 for layer in layers)
+    set_strategy(model, strategy="top_p", top_p=0.3)
+    assert all(float(layer.router_state.top_p) == pytest.approx(0.3) for layer in layers)
+
+
+def test_set_strategy_refuses_weight_shape_changes():
+    from moe_router import InputError
+
+    model = _model("mixtral")
+    replace_moe_blocks(model)
+    with pytest.raises(InputError, match="weight shapes"):
+        set_strategy(model, num_null_experts=2)
