@@ -208,6 +208,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def concat(self, xs: list[Array], axis: int) -> Array: ...
 
+    def unstack(self, x: Array) -> tuple[Array, ...]:
+        """The entries of a 1-D array of static length as 0-d arrays (a backend may do it in
+        one op)."""
+        n = self.shape(x)[0]
+        assert n is not None
+        return tuple(x[i] for i in range(n))
+
     # ----- randomness (training-time router noise only) ---------------------------------------
     @abc.abstractmethod
     def random_uniform(self, rng: Any, like: Array) -> Array:

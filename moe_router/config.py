@@ -64,6 +64,29 @@ def _installed(framework: str) -> bool:
         return False
 
 
+
+_HASH = "_cached_hash"
+
+
+def _cached_hash(config: Any) -> int:
+    """Hash of a frozen config's fields, computed once: configs key caches and jit compilations
+    on every layer call, and hashing ~30 fields each time costs more than the decode step's
+    routing. The cache is dropped when pickling (string hashes differ between processes)."""
+    value = config.__dict__.get(_HASH)
+    if value is None:
+        value = hash(tuple(getattr(config, f.name) for f in dataclasses.fields(config)))
+        config.__dict__[_HASH] = value
+    return value
+
+
+def _getstate(config: Any) -> dict[str, Any]:
+    return {k: v for k, v in config.__dict__.items() if k != _HASH}
+
+
+def _setstate(config: Any, state: dict[str, Any]) -> None:
+    config.__dict__.update(state)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RouterConfig:
     """How tokens choose experts. Every field is documented in ``docs/routing.md``.
@@ -146,6 +169,10 @@ class RouterConfig:
     hash_buckets: int = 65536
     nan_policy: NanPolicy = "raise"
     balanced_debug: bool = False
+
+    __hash__ = _cached_hash
+    __getstate__ = _getstate
+    __setstate__ = _setstate
 
     def __post_init__(self) -> None:  # noqa: C901 - one flat list of checks reads best
         E = self.num_experts
@@ -357,6 +384,10 @@ class MoEConfig:
     dispatch: str = AUTO_DISPATCH
     observers: tuple[str, ...] = ()
 
+    __hash__ = _cached_hash
+    __getstate__ = _getstate
+    __setstate__ = _setstate
+
     def __post_init__(self) -> None:
         _check(_is_int(self.d_model) and self.d_model >= 1, "d_model", self.d_model, "an int >= 1")
         _check(_is_int(self.d_ff) and self.d_ff >= 1, "d_ff", self.d_ff, "an int >= 1")
@@ -459,17 +490,6 @@ class MoEConfig:
         """A copy whose router has ``changes`` applied, e.g. ``strategy='top_p'``."""
         return dataclasses.replace(self, router=self.router.replace(**changes))
 
-
-def _replace(config: Any, changes: Mapping[str, Any]) -> Any:
-    fields = [f.name for f in dataclasses.fields(config)]
-    for name in changes:
-        if name not in fields:
-            hint = closest(name, fields)
-            raise UnknownFieldError(name, changes[name], f"a {type(config).__name__} field"
-                                    + (f" (did you mean {hint!r}?)" if hint else "")
-                                    + f"; valid fields: {', '.join(fields)}")
-    return dataclasses.replace(config, **changes)
-
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MoEConfig:
         data = dict(data)
@@ -498,3 +518,14 @@ def _replace(config: Any, changes: Mapping[str, Any]) -> Any:
         if _section(moe, ("router_config", "router")) is None:
             moe = {**moe, "router_config": _section(data, ("router_config", "router")) or {}}
         return cls.from_dict(moe)
+
+
+def _replace(config: Any, changes: Mapping[str, Any]) -> Any:
+    fields = [f.name for f in dataclasses.fields(config)]
+    for name in changes:
+        if name not in fields:
+            hint = closest(name, fields)
+            raise UnknownFieldError(name, changes[name], f"a {type(config).__name__} field"
+                                    + (f" (did you mean {hint!r}?)" if hint else "")
+                                    + f"; valid fields: {', '.join(fields)}")
+    return dataclasses.replace(config, **changes)

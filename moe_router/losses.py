@@ -106,7 +106,7 @@ def entropy_from_logits(b: Backend, logits_TE: Array, mask_T: Array | None = Non
 def entropy_from_probs(b: Backend, probs_TE: Array, log_probs_TE: Array,
                        mask_T: Array | None = None) -> Array:
     """Mean router entropy from softmax probabilities and their logs ``(T, E)``."""
-    plogp_TE = b.where(probs_TE > 0.0, probs_TE * log_probs_TE, 0.0)
+    plogp_TE = probs_TE * b.where(probs_TE > 0.0, log_probs_TE, 0.0)  # 0 log 0 = 0, no NaN
     return _masked_mean(b, -b.sum(plogp_TE, axis=-1), mask_T, probs_TE)
 
 

@@ -211,6 +211,7 @@ CHECKS: dict[str, Check] = {
                                                    b.bincount(j[:0], 3)], (INTS, IDX)),
     "reshape": Check("reshape", lambda b, x: [b.reshape(x, (5, 2)), b.reshape(x, (-1,))],
                      (X,)),
+    "unstack": Check("unstack", lambda b, x: list(b.unstack(x[0])), (X,)),
     "concat": Check("concat", lambda b, x: [b.concat([x, x], axis=0), b.concat([x, x], axis=1)],
                     (X,)),
 }

@@ -14,7 +14,7 @@ inputs (equal logits; rows that are permutations of each other under softmax, wh
 probabilities the Backend contract makes bitwise equal) are equal on every backend, so their tie
 must break the same way (to the lower index). Anything else fails, naming the case's seed.
 
-Time-bounded: each framework gets ``MOE_FUZZ_SECONDS`` (default 9) seconds of cases, starting
+Time-bounded: each framework gets ``MOE_FUZZ_SECONDS`` (default 8) seconds of cases, starting
 from the same seeds, so a slower machine runs a prefix of the same sequence;
 ``MOE_FUZZ_CASES`` caps the number of comparisons (fixed sequences for before/after figures) and
 ``MOE_FUZZ_SEED`` starts elsewhere (``MOE_FUZZ_SEED=17 MOE_FUZZ_CASES=12`` reruns seed 17's
@@ -35,7 +35,7 @@ from moe_router import ConfigError, RouterConfig, route
 from moe_router.backend import Backend
 
 FRAMEWORKS = [name for name in backend_names() if name != "numpy"]
-BUDGET_S = float(os.environ.get("MOE_FUZZ_SECONDS", "9"))
+BUDGET_S = float(os.environ.get("MOE_FUZZ_SECONDS", "8"))
 DRAWS = 12  # inputs per config (JAX compiles once per config)
 FIRST_SEED = int(os.environ.get("MOE_FUZZ_SEED", "0"))
 MAX_CASES = int(os.environ.get("MOE_FUZZ_CASES", "1000000"))

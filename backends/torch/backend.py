@@ -10,6 +10,7 @@ tensor values; NumPy constants are left to Dynamo).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -178,7 +179,9 @@ class TorchBackend(Backend):
         return torch.cumsum(x, dim=axis, dtype=x.dtype)
 
     def all_finite(self, x: Array) -> bool:
-        return bool(torch.isfinite(x).all())
+        # one reduction: a finite sum proves every entry finite; only an overflowing (or
+        # non-finite) sum needs the elementwise check
+        return math.isfinite(float(x.detach().sum())) or bool(torch.isfinite(x).all())
 
     # ----- selection ------------------------------------------------------------------------
     def argsort(self, x: Array, axis: int = -1) -> Array:
@@ -219,6 +222,9 @@ class TorchBackend(Backend):
 
     def reshape(self, x: Array, shape: tuple[Any, ...]) -> Array:
         return torch.reshape(x, tuple(int(s) for s in shape))
+
+    def unstack(self, x: Array) -> tuple[Array, ...]:
+        return x.unbind(0)
 
     def concat(self, xs: list[Array], axis: int) -> Array:
         return torch.cat(xs, dim=axis)

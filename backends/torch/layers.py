@@ -212,7 +212,7 @@ class MoE(nn.Module):
                 for name in self._names[1]}
 
     def _write_state(self, state: LayerState, names: tuple[str, ...]) -> None:
-        arrays = state_to_arrays(_TORCH, state)
+        arrays = state_to_arrays(_TORCH, state, names)
         with torch.no_grad():
             for name in names:
                 _get(self, name).copy_(arrays[name])
@@ -288,11 +288,18 @@ class MoE(nn.Module):
             training=self.training and not self.calibrating,
             update_state=self.training or self.calibrating, token_ids=token_ids,
             attention_probs=attention_probs, complexity_scores=complexity_scores, mask=mask,
-            need_plan=return_plan, stages=_LayerStages(self.router))
+            need_plan=return_plan, stages=self._stages())
         if out.updated:
             self._write_state(out.state, out.updated)
         self._last[:] = [out.plan, out.replan]
         return (out.y, self.last_plan) if return_plan else out.y
+
+    def _stages(self) -> _LayerStages:
+        """The layer's stages (made once; rebuilt if ``router`` was replaced)."""
+        stages = self.__dict__.get("_stage_cache")
+        if stages is None or stages.router is not self.router:
+            stages = self.__dict__["_stage_cache"] = _LayerStages(self.router)
+        return stages
 
     def extra_repr(self) -> str:
         c, r = self.config, self.config.router

@@ -281,14 +281,27 @@ def default_policy(request: str, info: DispatchInfo) -> str:
 
 
 def resolve_kernel(b: Backend, request: str, info: DispatchInfo, x_TD: Array) -> str:
-    """The kernel name ``request`` (a portable or qualified dispatch name) resolves to."""
+    """The kernel name ``request`` (a portable or qualified dispatch name) resolves to.
+
+    Eager answers are remembered per (request, sizes, config, device, dtype), so a decode loop
+    pays the policy once; traced calls ask the policy (it runs once per trace anyway).
+    """
     if ":" in request:
         return request
     from ..registry import default_registry
 
-    policy = default_registry().dispatch_policy(b.framework)
-    chosen = policy(request, info, x_TD) if policy is not None else None
-    return chosen or default_policy(request, info)
+    registry = default_registry()
+
+    def ask() -> str:
+        policy = registry.dispatch_policy(b.framework)
+        chosen = policy(request, info, x_TD) if policy is not None else None
+        return chosen or default_policy(request, info)
+
+    if info.traced or not isinstance(info.capacity, (int, type(None))):
+        return ask()
+    key = ("kernel", b.framework, request, info, str(getattr(x_TD, "device", "")),
+           str(getattr(x_TD, "dtype", "")))
+    return registry.memo(key, ask)
 
 
 def dispatch_info(b: Backend, config: MoEConfig, x_TD: Array, num_slots: int,

@@ -75,8 +75,7 @@ def initial_state_arrays(config: MoEConfig) -> dict[str, np.ndarray]:
 
 def state_from_arrays(b: Backend, arrays: Mapping[str, Array], config: MoEConfig) -> LayerState:
     """A :class:`LayerState` from the flat ``name -> array`` form (arrays of backend ``b``)."""
-    vector = arrays[ROUTER_STATE]
-    router = RouterState(*(vector[i] for i in range(5)))
+    router = RouterState(*b.unstack(arrays[ROUTER_STATE]))
     observers: dict[str, dict[str, Array]] = {}
     for name, value in arrays.items():
         if name.startswith(OBSERVER_PREFIX):
@@ -85,10 +84,14 @@ def state_from_arrays(b: Backend, arrays: Mapping[str, Array], config: MoEConfig
     return LayerState(router=router, expert_bias=arrays.get(EXPERT_BIAS), observers=observers)
 
 
-def state_to_arrays(b: Backend, state: LayerState) -> dict[str, Array]:
-    """The flat ``name -> array`` form of ``state`` (inverse of :func:`state_from_arrays`)."""
-    vector = b.concat([b.reshape(b.cast(v, "float32"), (1,)) for v in state.router], axis=0)
-    arrays: dict[str, Array] = {ROUTER_STATE: vector}
+def state_to_arrays(b: Backend, state: LayerState,
+                    names: tuple[str, ...] | None = None) -> dict[str, Array]:
+    """The flat ``name -> array`` form of ``state`` (inverse of :func:`state_from_arrays`);
+    with ``names``, only those (e.g. a step's ``updated`` names: no work for the others)."""
+    arrays: dict[str, Array] = {}
+    if names is None or ROUTER_STATE in names:
+        arrays[ROUTER_STATE] = b.concat([b.reshape(b.cast(v, "float32"), (1,))
+                                         for v in state.router], axis=0)
     if state.expert_bias is not None:
         arrays[EXPERT_BIAS] = state.expert_bias
     for observer, values in state.observers.items():

@@ -158,7 +158,9 @@ def layer_step(b: Backend, params: Mapping[str, Array], state: LayerState, x: Ar
         config: the layer's :class:`MoEConfig`.
         training: a training call: router noise (if configured) and state updates.
         update_state: update the layer state (default ``training``); ``True`` alone calibrates.
-        token_ids / complexity_scores / mask: one entry per token (``x``'s leading shape).
+        token_ids: ``x``'s leading shape, int token ids (``hash`` strategy).
+        complexity_scores: ``x``'s leading shape, float scores (``external`` estimator).
+        mask: ``x``'s leading shape, 1 = real token, 0 = padding (losses and statistics).
         attention_probs: ``(T, S)`` or ``(H, T, S)`` (``attention_entropy`` estimator).
         rng: randomness for router noise (the framework's seed / generator / key).
         dispatch: force an expert-compute name (default ``config.dispatch``).

@@ -9,6 +9,8 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("keras")
 
+from router_cases import router_cases  # noqa: E402
+
 import moe_router as mr  # noqa: E402
 from moe_router.errors import ConfigError, InputError, InputTypeError  # noqa: E402
 from moe_router.keras import MoE  # noqa: E402
@@ -19,20 +21,8 @@ pytestmark = pytest.mark.tensorflow
 
 E, D, F = 8, 16, 24
 COUNTS = "observers.expert_load.counts"
-STRATEGIES = {
-    "top_k": mr.RouterConfig(num_experts=E, k=2),
-    "sigmoid_groups": mr.RouterConfig(num_experts=E, k=2, score_func="sigmoid", num_groups=4,
-                                      topk_groups=2, route_scale=2.0),
-    "top_p": mr.RouterConfig(num_experts=E, strategy="top_p", top_p=0.5, max_experts=4),
-    "threshold": mr.RouterConfig(num_experts=E, strategy="threshold", threshold=0.6,
-                                 max_experts=4),
-    "null": mr.RouterConfig(num_experts=E, k=2, num_null_experts=3),
-    "relu": mr.RouterConfig(num_experts=E, strategy="relu", min_experts=0, max_experts=4),
-    "expert_choice": mr.RouterConfig(num_experts=E, strategy="expert_choice", max_experts=4),
-    "hash": mr.RouterConfig(num_experts=E, strategy="hash", k=2),
-    "complexity": mr.RouterConfig(num_experts=E, strategy="complexity", target_experts=1.5,
-                                  max_experts=4),
-    "capacity": mr.RouterConfig(num_experts=E, k=2, capacity_factor=0.75),
+STRATEGIES = {  # the shared table (tests/router_cases.py) plus the aux-free bias
+    **router_cases(E),
     "bias": mr.RouterConfig(num_experts=E, k=2, use_expert_bias=True),
 }
 
