@@ -146,3 +146,27 @@ def test_public_surfaces_agree() -> None:
     counts = {fw: np.asarray(layer.export_state()["observers.expert_load.counts"]).dtype
               for fw, layer in layers.items()}
     assert set(counts.values()) == {np.dtype(np.int32)}, counts
+
+
+@pytest.mark.parametrize("framework,foreign", [("torch", "tensorflow:split"),
+                                               ("flax", "torch:grouped_mm"),
+                                               ("keras", "jax:tiles")])
+def test_a_layer_refuses_another_frameworks_kernel(framework: str, foreign: str) -> None:
+    import dataclasses
+
+    bad = dataclasses.replace(config(), dispatch=foreign)
+    with pytest.raises(mr.ConfigError, match="dispatch="):
+        if framework == "torch":
+            from moe_router.torch import MoE
+
+            MoE(bad)
+        elif framework == "flax":
+            from flax import nnx
+
+            from moe_router.flax import MoE
+
+            MoE(bad, rngs=nnx.Rngs(0))
+        else:
+            from moe_router.keras import MoE
+
+            MoE(bad)

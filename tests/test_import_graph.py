@@ -212,3 +212,16 @@ def test_backend_plugin_imports_only_hookimpl(plugin: str) -> None:
 
 def test_every_framework_has_a_plugin() -> None:
     assert [p.split(".")[1] for p in PLUGINS] == ["jax", "tensorflow", "torch"]
+
+
+def test_no_top_level_module_named_backends_is_installed(tmp_path) -> None:
+    """The plugin folder backends/ installs as ``moe_router_backends``: run from elsewhere,
+    ``backends`` must not resolve (it would collide with other projects' ``backends``)."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util as u; print(u.find_spec('backends') is None, "
+            "u.find_spec('moe_router_backends.torch') is not None)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["True", "True"]

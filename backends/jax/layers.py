@@ -24,6 +24,7 @@ from flax import nnx
 from moe_router.config import MoEConfig
 from moe_router.errors import InputError, InputTypeError
 from moe_router.layer.calibrate import default_forward, run_calibration
+from moe_router.layer.experts import check_dispatch_framework
 from moe_router.layer.state import (
     EXPERT_BIAS,
     ROUTER_STATE,
@@ -91,6 +92,7 @@ class MoE(nnx.Module):
         """
         if not isinstance(config, MoEConfig):
             raise InputTypeError("config", f"expected a MoEConfig, got {type(config).__name__}")
+        check_dispatch_framework(JAX.framework, config)
         if rngs is None and (weights is None or config.router.noise != "none"):
             raise InputError("rngs", "expected nnx.Rngs(...) (needed for the random "
                              "initialisation and for router noise)")

@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from moe_router.config import MoEConfig  # noqa: E402
-from moe_router.errors import ConfigError, InputError, InputTypeError, MoERouterError  # noqa: E402
+from moe_router.errors import InputError, InputTypeError, MoERouterError  # noqa: E402
+from moe_router.layer.experts import check_dispatch_framework  # noqa: E402
 from moe_router.layer.state import (  # noqa: E402
     OBSERVER_PREFIX,
     PERSISTENT,
@@ -84,11 +85,9 @@ class MoE(keras.layers.Layer):
         if not isinstance(config, MoEConfig):
             raise InputTypeError("config", f"expected a MoEConfig or its dict, got "
                                  f"{type(config).__name__}")
+        check_dispatch_framework(_TF.framework, config)
         framework = (default_registry().kernel_spec(config.dispatch).framework
                      if config.dispatch != "auto" else None)
-        if framework not in (None, _TF.framework):
-            raise ConfigError("dispatch", config.dispatch, "a portable kernel or a "
-                              "'tensorflow:' one for the Keras layer")
         self.config = config
         self.seed = seed
         self.calibrating = False

@@ -19,6 +19,7 @@ from torch import nn
 
 from moe_router.config import MoEConfig
 from moe_router.errors import InputError, InputTypeError
+from moe_router.layer.experts import check_dispatch_framework
 from moe_router.layer.observers import active_observers
 from moe_router.layer.state import (
     PERSISTENT,
@@ -139,6 +140,7 @@ class MoE(nn.Module):
         if self._names is not None and names != self._names:
             raise InputError("config", "the new config changes the layer's weight or state "
                              "names; build a new layer instead")
+        check_dispatch_framework(_TORCH.framework, config)
         warm_registry(config)
         self._config, self._names = config, names
 

@@ -304,6 +304,24 @@ def resolve_kernel(b: Backend, request: str, info: DispatchInfo, x_TD: Array) ->
     return registry.memo(key, ask)
 
 
+def check_dispatch_framework(framework: str, config: MoEConfig) -> None:
+    """Refuse a config whose ``dispatch`` names another framework's kernel (at layer build).
+
+    Raises:
+        ConfigError: e.g. ``dispatch='torch:grouped_mm'`` for a Keras layer.
+    """
+    if ":" not in config.dispatch:
+        return
+    from ..errors import ConfigError
+    from ..registry import default_registry
+
+    spec = default_registry().kernel_spec(config.dispatch)
+    if spec.framework not in (None, framework):
+        raise ConfigError("dispatch", config.dispatch,
+                          f"a portable name ({', '.join(PORTABLE)}) or a '{framework}:' kernel "
+                          f"for a {framework} layer")
+
+
 def dispatch_info(b: Backend, config: MoEConfig, x_TD: Array, num_slots: int,
                   traced: bool = False) -> DispatchInfo:
     """The :class:`DispatchInfo` of ``x_TD``'s tokens with K = ``num_slots`` (what a policy and
