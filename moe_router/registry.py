@@ -74,14 +74,16 @@ class Registry:
         self._instances: dict[str, Backend] = {}
         self._by_type: dict[type, str] = {}
         self._resolved: dict[tuple[str, str], Any] = {}
-        self._memo: dict[Any, Any] = {}
+        self._memo: dict[str, dict[Any, Any]] = {}
 
-    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
-        """``compute()`` remembered under the hashable ``key`` until the plugins change (for
-        derived lookups such as a config's active observers)."""
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
+    def memo(self, kind: str, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` remembered under the hashable ``key`` in table ``kind`` until the
+        plugins change (derived lookups such as a config's active observers). One table per
+        kind keeps ``torch.compile`` from hashing unrelated keys when it traces a lookup."""
+        table = self._memo.setdefault(kind, {})
+        if key not in table:
+            table[key] = compute()
+        return table[key]
 
     # ----- plugins -------------------------------------------------------------------------
     def register(self, plugin: Any, name: str | None = None) -> None:

@@ -30,6 +30,7 @@ from moe_router.layer.state import (
     ROUTER_STATE,
     LayerState,
     initial_state_arrays,
+    router_state_of,
     state_fields,
     state_from_arrays,
     state_to_arrays,
@@ -167,7 +168,7 @@ class MoE(nnx.Module):
     @property
     def router_state(self) -> RouterState:
         """The controller state: a :class:`~moe_router.RouterState` of float32 scalars."""
-        return self.layer_state().router
+        return router_state_of(JAX, self._var(ROUTER_STATE)[...])
 
     def reset_router_state(self) -> None:
         """Back to the fresh controller state (before :func:`calibrate`)."""

@@ -36,6 +36,9 @@ def clustered_hidden(num_tokens: int = T, d_model: int = D, seed: int = 0) -> np
 
 def run_demo(console: Console, num_tokens: int = T) -> None:
     """Print the Keras layer table (see the module docstring)."""
+    # one tf.function per strategy is the point of the table; TF's "retracing" advice about it
+    # would only confuse a reader
+    tf.get_logger().setLevel("ERROR")
     x_TD = clustered_hidden(num_tokens)
     token_ids = np.random.default_rng(1).integers(0, 32000, size=num_tokens).astype(np.int32)
     table = Table(title=f"Keras MoE layer (TensorFlow, tf.function, 'tensorflow:split') on "

@@ -37,6 +37,7 @@ from moe_router.layer.state import (  # noqa: E402
     ROUTER_STATE,
     LayerState,
     initial_state_arrays,
+    router_state_of,
     state_fields,
     state_from_arrays,
     state_to_arrays,
@@ -157,7 +158,8 @@ class MoE(keras.layers.Layer):
     @property
     def router_state(self) -> RouterState:
         """The controller state: a :class:`~moe_router.RouterState` of float32 scalars."""
-        return self.layer_state().router
+        self._ensure_built()
+        return router_state_of(_TF, tf.convert_to_tensor(self._state[ROUTER_STATE].value))
 
     def reset_router_state(self) -> None:
         """Back to the fresh controller state (before :func:`moe_router.keras.calibrate`)."""

@@ -299,9 +299,9 @@ def resolve_kernel(b: Backend, request: str, info: DispatchInfo, x_TD: Array) ->
 
     if info.traced or not isinstance(info.capacity, (int, type(None))):
         return ask()
-    key = ("kernel", b.framework, request, info, str(getattr(x_TD, "device", "")),
+    key = (b.framework, request, info, str(getattr(x_TD, "device", "")),
            str(getattr(x_TD, "dtype", "")))
-    return registry.memo(key, ask)
+    return registry.memo("kernel", key, ask)
 
 
 def check_dispatch_framework(framework: str, config: MoEConfig) -> None:

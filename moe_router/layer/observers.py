@@ -119,7 +119,7 @@ def active_observers(config: MoEConfig) -> tuple[Any, ...]:
     from ..registry import default_registry
 
     registry = default_registry()
-    return registry.memo(("active_observers", config), lambda: _find_observers(registry, config))
+    return registry.memo("active_observers", config, lambda: _find_observers(registry, config))
 
 
 def _find_observers(registry: Any, config: MoEConfig) -> tuple[Any, ...]:

@@ -46,12 +46,13 @@ class LayerState(NamedTuple):
     """All mutable state of one MoE layer (a pytree: JAX carries it through ``jit``).
 
     Attributes:
-        router: the controller :class:`~moe_router.RouterState` (float32 scalars).
+        router: the controller :class:`~moe_router.RouterState` (float32 scalars), or ``None``
+            when the strategy keeps no controller state (its stored vector is left as it is).
         expert_bias: ``(E,)`` float32 aux-free balancing bias, or ``None``.
         observers: observer name -> field name -> array (see :mod:`moe_router.layer.observers`).
     """
 
-    router: RouterState
+    router: RouterState | None
     expert_bias: Array | None
     observers: Mapping[str, Mapping[str, Array]]
 
@@ -75,7 +76,8 @@ def initial_state_arrays(config: MoEConfig) -> dict[str, np.ndarray]:
 
 def state_from_arrays(b: Backend, arrays: Mapping[str, Array], config: MoEConfig) -> LayerState:
     """A :class:`LayerState` from the flat ``name -> array`` form (arrays of backend ``b``)."""
-    router = RouterState(*b.unstack(arrays[ROUTER_STATE]))
+    router = (router_state_of(b, arrays[ROUTER_STATE])
+              if config.router.strategy_spec.stateful else None)
     observers: dict[str, dict[str, Array]] = {}
     for name, value in arrays.items():
         if name.startswith(OBSERVER_PREFIX):
@@ -84,12 +86,17 @@ def state_from_arrays(b: Backend, arrays: Mapping[str, Array], config: MoEConfig
     return LayerState(router=router, expert_bias=arrays.get(EXPERT_BIAS), observers=observers)
 
 
+def router_state_of(b: Backend, vector: Array) -> RouterState:
+    """The ``(5,)`` stored controller vector (``router.state``) as a :class:`RouterState`."""
+    return RouterState(*b.unstack(vector))
+
+
 def state_to_arrays(b: Backend, state: LayerState,
                     names: tuple[str, ...] | None = None) -> dict[str, Array]:
     """The flat ``name -> array`` form of ``state`` (inverse of :func:`state_from_arrays`);
     with ``names``, only those (e.g. a step's ``updated`` names: no work for the others)."""
     arrays: dict[str, Array] = {}
-    if names is None or ROUTER_STATE in names:
+    if state.router is not None and (names is None or ROUTER_STATE in names):
         arrays[ROUTER_STATE] = b.concat([b.reshape(b.cast(v, "float32"), (1,))
                                          for v in state.router], axis=0)
     if state.expert_bias is not None:

@@ -28,7 +28,7 @@ from ..api import check_finite, route
 from ..backend import Array, Backend
 from ..config import MoEConfig, RouterConfig
 from ..errors import InputError, InputTypeError
-from ..plan import RoutingPlan
+from ..plan import RouterState, RoutingPlan
 from .experts import expert_compute, shared_expert
 from .observers import StepEvent, active_observers
 from .state import EXPERT_BIAS, OBSERVER_PREFIX, ROUTER_STATE, LayerState
@@ -179,11 +179,10 @@ def layer_step(b: Backend, params: Mapping[str, Array], state: LayerState, x: Ar
     logits_TE = stages.router_logits(x_TD, params, config)
     check_finite(b, logits_TE, r, "x", "the router logits computed from it contain")
     kwargs: dict[str, Any] = {"hidden_TD": x_TD}
-    for name, argument in PER_TOKEN.items():
-        value = per_token(b, name, {"token_ids": token_ids, "mask": mask,
-                                    "complexity_scores": complexity_scores}[name], T)
+    for name, value in (("token_ids", token_ids), ("complexity_scores", complexity_scores),
+                        ("mask", mask)):
         if value is not None:
-            kwargs[argument] = value
+            kwargs[PER_TOKEN[name]] = per_token(b, name, value, T)
     if attention_probs is not None:
         kwargs["attention_probs"] = attention_probs
     if state.expert_bias is not None:
@@ -206,7 +205,7 @@ def layer_step(b: Backend, params: Mapping[str, Array], state: LayerState, x: Ar
     updated: list[str] = []
     router_state = state.router
     if plan is not None and update and stateful and plan.state is not None:
-        router_state = type(state.router)(*(b.stop_gradient(v) for v in plan.state))
+        router_state = RouterState(*(b.stop_gradient(v) for v in plan.state))
         updated.append(ROUTER_STATE)
     observed = dict(state.observers)
     if plan is not None and observers and watching:
