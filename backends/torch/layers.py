@@ -19,8 +19,7 @@ from torch import nn
 
 from moe_router.config import MoEConfig
 from moe_router.errors import InputError, InputTypeError
-from moe_router.layer.experts import check_dispatch_framework
-from moe_router.layer.observers import active_observers
+from moe_router.layer.experts import check_dispatch_framework, warm_registry
 from moe_router.layer.state import (
     PERSISTENT,
     ROUTER_STATE,
@@ -32,7 +31,6 @@ from moe_router.layer.state import (
 )
 from moe_router.layer.step import BIAS_STEP_UPDATES, StepOutput, bias_step, layer_step
 from moe_router.plan import RouterState, RoutingPlan
-from moe_router.registry import default_registry
 from moe_router.weights import check_weights, param_shapes, weight_shapes
 
 from .backend import TorchBackend
@@ -40,20 +38,6 @@ from .stages import TorchStages
 
 _TORCH = TorchBackend()
 _DTYPES = {"float32": torch.float32, "int32": torch.int32}
-
-
-def warm_registry(config: MoEConfig) -> None:
-    """Resolve every plugin the layer's step may look up (strategy, estimator, observers,
-    torch's dispatch policy and kernels) now, so that ``torch.compile`` finds them resolved
-    instead of tracing their import."""
-    registry = default_registry()
-    registry.strategy(config.router.strategy)
-    registry.estimator(config.router.complexity_estimator)
-    active_observers(config)
-    registry.dispatch_policy(_TORCH.framework)
-    for name in registry.kernel_names():
-        if registry.kernel_spec(name).framework in (None, _TORCH.framework):
-            registry.kernel(name)
 
 
 class Router(nn.Module):
@@ -141,7 +125,7 @@ class MoE(nn.Module):
             raise InputError("config", "the new config changes the layer's weight or state "
                              "names; build a new layer instead")
         check_dispatch_framework(_TORCH.framework, config)
-        warm_registry(config)
+        warm_registry(config, _TORCH.framework)
         self._config, self._names = config, names
 
     def _owner(self, name: str) -> nn.Module:

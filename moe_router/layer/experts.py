@@ -322,6 +322,23 @@ def check_dispatch_framework(framework: str, config: MoEConfig) -> None:
                           f"for a {framework} layer")
 
 
+def warm_registry(config: MoEConfig, framework: str) -> None:
+    """Resolve now every plugin the step may look up for ``config`` on ``framework`` (strategy,
+    estimator, observers, dispatch policy, kernels), so that a tracer (``torch.compile``) finds
+    them resolved instead of tracing their import."""
+    from ..registry import default_registry
+    from .observers import active_observers
+
+    registry = default_registry()
+    registry.strategy(config.router.strategy)
+    registry.estimator(config.router.complexity_estimator)
+    active_observers(config)
+    registry.dispatch_policy(framework)
+    for name in registry.kernel_names():
+        if registry.kernel_spec(name).framework in (None, framework):
+            registry.kernel(name)
+
+
 def dispatch_info(b: Backend, config: MoEConfig, x_TD: Array, num_slots: int,
                   traced: bool = False) -> DispatchInfo:
     """The :class:`DispatchInfo` of ``x_TD``'s tokens with K = ``num_slots`` (what a policy and
