@@ -57,10 +57,11 @@ class TorchBackend(Backend):
         return x.numpy()
 
     def cast(self, x: Array, dtype: DType) -> Array:
-        return x.to(_DTYPES[dtype])
+        target = _DTYPES[dtype]
+        return x if x.dtype == target else x.to(target)  # skip the dispatch of a no-op .to()
 
     def cast_like(self, x: Array, like: Array) -> Array:
-        return x.to(like.dtype)  # returns x itself when the dtype already matches
+        return x if x.dtype == like.dtype else x.to(like.dtype)
 
     def is_host(self, x: Array) -> bool:
         return x.device.type == "cpu"
