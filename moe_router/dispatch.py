@@ -1,13 +1,10 @@
-"""Slot bookkeeping shared by every backend: capacity/drop policy and the sort-by-expert order.
+"""The capacity / drop policy shared by every backend.
 
-A *slot* is one (token, k) pair of a plan. Dispatch sorts the used slots by expert so each expert
-sees one contiguous block of rows (grouped GEMM), and unused slots go last where they cost
-nothing.
+A *slot* is one (token, k) pair of a plan. The sort-by-expert permutation of expert compute is
+:func:`moe_router.layer.experts.permutation`.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import einops
 
@@ -53,31 +50,3 @@ def _position_in_expert(b: Backend, expert_S: Array, num_experts: int) -> Array:
     onehot_SE = b.one_hot(expert_S, num_experts, dtype="int")
     before_SE = b.cumsum(onehot_SE, axis=0) - onehot_SE
     return b.sum(before_SE * onehot_SE, axis=-1)
-
-
-class SlotOrder(NamedTuple):
-    """Used slots sorted by expert.
-
-    Attributes:
-        slot_S: ``(T*K,)`` int flat slot ids (``t * K + k``) sorted by expert, unused slots last.
-        token_S: ``(T*K,)`` int token of each sorted slot.
-        expert_S: ``(T*K,)`` int expert of each sorted slot (``num_experts`` for unused slots).
-        counts_E: ``(E,)`` int used slots per expert; ``offsets`` are their exclusive cumsum.
-    """
-
-    slot_S: Array
-    token_S: Array
-    expert_S: Array
-    counts_E: Array
-
-
-def sort_slots(b: Backend, indices_TK: Array, num_experts: int) -> SlotOrder:
-    """Stable sort of the flat slots by expert (the permutation of sort-based dispatch)."""
-    K = b.shape(indices_TK)[1]
-    assert K is not None
-    flat_S = b.reshape(indices_TK, (-1,))
-    key_S = b.where(flat_S >= 0, flat_S, num_experts)
-    slot_S = b.argsort(key_S, axis=-1)  # stable integer sort: slot order within an expert
-    return SlotOrder(slot_S=slot_S, token_S=slot_S // K,
-                     expert_S=b.take_along_axis(key_S, slot_S, axis=0),
-                     counts_E=b.bincount(flat_S, num_experts))

@@ -129,7 +129,8 @@ class MoE(nnx.Module):
         return {name: self._var(name)[...] for name in names}
 
     def _write(self, state: LayerState, names: Iterable[str]) -> None:
-        arrays = state_to_arrays(JAX, state)
+        names = tuple(names)
+        arrays = state_to_arrays(JAX, state, names)
         for name in names:
             self._var(name)[...] = arrays[name]
 

@@ -174,10 +174,10 @@ class MoE(keras.layers.Layer):
         does)."""
         counts = None if expert_counts is None else tf.convert_to_tensor(expert_counts)
         state = bias_step(_TF, self.layer_state(), self.config, counts)
-        arrays = state_to_arrays(_TF, state)
+        arrays = state_to_arrays(_TF, state, BIAS_STEP_UPDATES)
         for name in BIAS_STEP_UPDATES:
             self._state[name].assign(arrays[name])
-        return np.asarray(arrays[BIAS_STEP_UPDATES[0]].numpy())
+        return np.asarray(state.expert_bias.numpy())
 
     # ----- Keras citizenship -------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
@@ -220,7 +220,7 @@ class MoE(keras.layers.Layer):
                     complexity_scores=complexity_scores, mask=mask,
                     need_plan=return_plan or has_losses,
                     rng=self._seed_gen.next() if training and self._seed_gen else None)
-        new = state_to_arrays(_TF, out.state)
+        new = state_to_arrays(_TF, out.state, out.updated)
         for name in out.updated:  # counters: the increment (summed over replicas); Keras'
             if name.startswith(OBSERVER_PREFIX):  # own assign_add would assign old + increment
                 self._state[name].value.assign_add(new[name] - arrays[name])

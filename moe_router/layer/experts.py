@@ -30,6 +30,7 @@ import einops
 
 from ..backend import Array, Backend
 from ..config import MoEConfig
+from ..errors import ConfigError
 
 PORTABLE = ("auto", "sorted", "capacity", "dense", "gather")
 
@@ -96,8 +97,6 @@ def activate(b: Backend, name: str, gate: Array | None, up: Array) -> Array:
         return b.relu(up)
     if name == "silu":
         return b.silu(up)
-    from ..errors import ConfigError
-
     raise ConfigError("activation", name, "swiglu, geglu, gelu, relu or silu")
 
 
@@ -213,9 +212,7 @@ def capacity(b: Backend, x_SD: Array, perm: Permutation, w: ExpertWeights, activ
     """Static ``(E, C, D)`` buffer with C = the router's capacity; routing has already dropped
     (and counted) every slot beyond it, so this is exact."""
     if info.capacity is None:
-        from ..errors import ConfigError
-
-        raise ConfigError("dispatch", "capacity", "a router with capacity_factor set (routing "
+            raise ConfigError("dispatch", "capacity", "a router with capacity_factor set (routing "
                           "then drops and counts the overflow); use 'sorted' for dropless")
     return _buffered_ffn(b, x_SD, perm, w, activation, info.capacity)
 
@@ -312,7 +309,6 @@ def check_dispatch_framework(framework: str, config: MoEConfig) -> None:
     """
     if ":" not in config.dispatch:
         return
-    from ..errors import ConfigError
     from ..registry import default_registry
 
     spec = default_registry().kernel_spec(config.dispatch)

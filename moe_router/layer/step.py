@@ -21,6 +21,7 @@ every override against the generic stage.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -127,18 +128,11 @@ def per_token(b: Backend, name: str, value: Any, T: Any) -> Array | None:
     if not b.is_array(value):
         value = b.asarray(value)
     shape = b.shape(value)
-    size = None if any(s is None for s in shape) else _product(shape)
+    size = None if any(s is None for s in shape) else math.prod(shape)
     if isinstance(T, int) and size is not None and size != T:
         raise InputError(name, f"expected one entry per token ({T}, x's leading shape), got "
                          f"shape {shape}")
     return b.reshape(value, (-1,))
-
-
-def _product(shape: tuple[int, ...]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
 
 
 # ----- the step ----------------------------------------------------------------------------------
