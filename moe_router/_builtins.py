@@ -58,3 +58,5 @@ def moe_router_register_kernels(registrar: Registrar) -> None:
 @hookimpl
 def moe_router_register_observers(registrar: Registrar) -> None:
     registrar.observer("expert_load", "moe_router.layer.observers:ExpertLoad")
+    registrar.observer("routing_stats", "moe_router.debug.counters:RoutingCounters")
+    registrar.observer("routing_trace", "moe_router.debug.trace:RoutingTrace")

@@ -194,6 +194,11 @@ class Backend(abc.ABC):
         """``x[idx]`` along axis 0 for a 1-D index array of valid indices."""
 
     @abc.abstractmethod
+    def scatter_rows(self, x: Array, idx: Array, rows: Array) -> Array:
+        """A copy of ``x`` with ``x[idx[i]] = rows[i]`` along axis 0 (1-D ``idx`` of valid
+        indices; which write wins for a repeated index is unspecified)."""
+
+    @abc.abstractmethod
     def one_hot(self, idx: Array, n: int, dtype: DType = "float32") -> Array:
         """One-hot over a new last axis of size ``n``; ``-1`` gives an all-zero row."""
 

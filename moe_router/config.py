@@ -26,6 +26,7 @@ from .config_io import (  # noqa: F401 - env_variables, ENV_ALIASES: public re-e
     env_variables,
 )
 from .errors import ConfigError, UnknownFieldError, UnknownNameError, closest
+from .layer.observers import TraceConfig
 from .registrar import StrategySpec
 from .registry import default_registry
 
@@ -369,7 +370,10 @@ class MoEConfig:
             ``capacity`` needs ``router.capacity_factor`` (or a strategy that sizes its own
             capacity, such as ``expert_choice``).
         observers: names of registered observers to run on every routing plan (opt in; built
-            in: ``expert_load``). A list is stored as a tuple, so the config stays hashable.
+            in: ``expert_load``, ``routing_stats``). A list is stored as a tuple, so the config
+            stays hashable.
+        trace: a :class:`~moe_router.layer.observers.TraceConfig` (or its dict) turns on the
+            per-token routing trace (observer ``routing_trace``); ``None`` (default) = off.
     """
 
     d_model: int
@@ -383,6 +387,7 @@ class MoEConfig:
     init_std: float = 0.02
     dispatch: str = AUTO_DISPATCH
     observers: tuple[str, ...] = ()
+    trace: TraceConfig | None = None
 
     __hash__ = _cached_hash
     __getstate__ = _getstate
@@ -407,6 +412,10 @@ class MoEConfig:
                "a number > 0")
         self._check_dispatch()
         self._check_observers()
+        if isinstance(self.trace, Mapping):
+            object.__setattr__(self, "trace", _from_mapping(TraceConfig, self.trace))
+        _check(self.trace is None or isinstance(self.trace, TraceConfig), "trace", self.trace,
+               "None, a TraceConfig or its dict (capacity, tokens_per_call)")
 
     def _check_dispatch(self) -> None:
         registry = default_registry()

@@ -160,6 +160,11 @@ class NumpyBackend(Backend):
     def gather_rows(self, x: Array, idx: Array) -> Array:
         return np.asarray(x)[idx]
 
+    def scatter_rows(self, x: Array, idx: Array, rows: Array) -> Array:
+        out = np.array(x, copy=True)
+        out[np.asarray(idx)] = rows
+        return out
+
     def one_hot(self, idx: Array, n: int, dtype: DType = "float32") -> Array:
         idx = np.asarray(idx)
         return (idx[..., None] == np.arange(n)).astype(_DTYPES[dtype])

@@ -81,9 +81,10 @@ class Registry:
         plugins change (derived lookups such as a config's active observers). One table per
         kind keeps ``torch.compile`` from hashing unrelated keys when it traces a lookup."""
         table = self._memo.setdefault(kind, {})
-        if key not in table:
-            table[key] = compute()
-        return table[key]
+        entry = table.get(hash(key))  # by hash, then identity: torch.compile traces no __eq__
+        if entry is None or (entry[0] is not key and entry[0] != key):
+            entry = table[hash(key)] = (key, compute())
+        return entry[1]
 
     # ----- plugins -------------------------------------------------------------------------
     def register(self, plugin: Any, name: str | None = None) -> None:

@@ -205,6 +205,9 @@ CHECKS: dict[str, Check] = {
         b.take_along_axis(x[:, :2], b.asarray(np.array([[1, 0], [0, 0]]), dtype="int"),
                           axis=0)], (X, INTS)),
     "gather_rows": Check("gather_rows", lambda b, x, p: b.gather_rows(x, p[:5] % 2), (X, PERM)),
+    "scatter_rows": Check("scatter_rows", lambda b, x, i: [
+        b.scatter_rows(x, b.asarray(np.array([1, 0]), dtype="int"), x[:2] * 2.0 + 1.0),
+        b.scatter_rows(i, b.asarray(np.array([0]), dtype="int32"), i[1:2])], (X, INTS)),
     "one_hot": Check("one_hot", lambda b, i: [b.one_hot(i, 4), b.one_hot(i, 4, dtype="int")],
                      (IDX,)),
     "bincount": Check("bincount", lambda b, i, j: [b.bincount(i, 5), b.bincount(j, 4),

@@ -184,6 +184,9 @@ class JaxBackend(Backend):
     def gather_rows(self, x: Array, idx: Array) -> Array:
         return jnp.take(jnp.asarray(x), idx, axis=0, mode="clip")
 
+    def scatter_rows(self, x: Array, idx: Array, rows: Array) -> Array:
+        return jnp.asarray(x).at[idx].set(jnp.asarray(rows, jnp.asarray(x).dtype))
+
     def one_hot(self, idx: Array, n: int, dtype: DType = "float32") -> Array:
         # -1 matches no class, so its row is all zero
         return (jnp.asarray(idx)[..., None] == jnp.arange(n, dtype=jnp.int32)).astype(

@@ -252,6 +252,10 @@ class TensorFlowBackend(Backend):
     def gather_rows(self, x: Array, idx: Array) -> Array:
         return tf.gather(x, idx, axis=0)
 
+    def scatter_rows(self, x: Array, idx: Array, rows: Array) -> Array:
+        idx = tf.reshape(tf.cast(idx, tf.int32), [-1, 1])
+        return tf.tensor_scatter_nd_update(x, idx, tf.cast(rows, x.dtype))
+
     def one_hot(self, idx: Array, n: int, dtype: DType = "float32") -> Array:
         # tf.one_hot gives an all-zero row for out-of-range indices such as -1
         return tf.one_hot(tf.cast(idx, tf.int32), n, dtype=_DTYPES[dtype])

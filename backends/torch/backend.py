@@ -211,6 +211,9 @@ class TorchBackend(Backend):
     def gather_rows(self, x: Array, idx: Array) -> Array:
         return x[idx]
 
+    def scatter_rows(self, x: Array, idx: Array, rows: Array) -> Array:
+        return x.index_copy(0, idx.to(torch.int64), rows.to(x.dtype))
+
     def one_hot(self, idx: Array, n: int, dtype: DType = "float32") -> Array:
         arange = torch.arange(n, dtype=idx.dtype, device=idx.device)
         return (idx[..., None] == arange).to(_DTYPES[dtype])

@@ -25,6 +25,8 @@ from moe_router.layer.state import (
     ROUTER_STATE,
     LayerState,
     initial_state_arrays,
+    observer_names,
+    state_change,
     state_fields,
     state_from_arrays,
     state_to_arrays,
@@ -121,12 +123,38 @@ class MoE(nn.Module):
         if not isinstance(config, MoEConfig):
             raise InputTypeError("config", f"expected a MoEConfig, got {type(config).__name__}")
         names = (tuple(param_shapes(config)), tuple(state_fields(config)))
-        if self._names is not None and names != self._names:
-            raise InputError("config", "the new config changes the layer's weight or state "
-                             "names; build a new layer instead")
         check_dispatch_framework(_TORCH.framework, config)
+        changes = state_change(self._config, config) if self._names is not None else None
         warm_registry(config, _TORCH.framework)
+        if changes is not None:
+            self._change_observers(*changes)
         self._config, self._names = config, names
+
+    def _change_observers(self, added: Mapping[str, Any], removed: tuple[str, ...]) -> None:
+        """Drop the ``removed`` observer buffers and register the ``added`` ones (fresh values, on
+        the router weight's device): the debugger turning its counters on and off."""
+        device = self.router.weight.device
+        for name in removed:
+            owner = self._owner(name)
+            del owner._buffers[name.rpartition(".")[2]]
+            parent = self._owner(name.rpartition(".")[0])
+            group = name.split(".")[-2]
+            if not owner._buffers and not owner._modules:
+                del parent._modules[group]
+        observers = self._modules.get("observers")
+        if observers is not None and not observers._modules and not observers._buffers:
+            del self._modules["observers"]
+        for name, field in added.items():
+            self._owner(name).register_buffer(
+                name.rpartition(".")[2], torch.from_numpy(field.initial()).to(device),
+                persistent=False)
+
+    def reset_observers(self, observer: str | None = None) -> None:
+        """Zero the observers' state (one ``observer`` by name, or all) on the host."""
+        fields = state_fields(self.config)
+        with torch.no_grad():
+            for name in observer_names(self.config, observer):
+                _get(self, name).copy_(torch.from_numpy(fields[name].initial()))
 
     def _owner(self, name: str) -> nn.Module:
         """The submodule holding flat name ``name`` (created on the way: plain containers)."""

@@ -34,11 +34,18 @@ COUNT_DTYPE = "int32"
 
 @dataclasses.dataclass(frozen=True)
 class StateField:
-    """One array of an observer's (or the layer's) state: shape, dtype name, fill value(s)."""
+    """One array of an observer's (or the layer's) state: shape, dtype name, fill value(s).
+
+    ``kind``: ``"counter"`` (the default) is additive: an update returns the old value plus an
+    increment, so data-parallel replicas can sum their increments (Keras ``aggregation="sum"``);
+    ``"buffer"`` is overwritten (a ring buffer such as the routing trace): under
+    ``tf.distribute`` the first replica's value is kept.
+    """
 
     shape: tuple[int, ...]
     dtype: str = "float32"  # "float32" | "int32"
     init: float | tuple[float, ...] = 0.0
+    kind: str = "counter"  # "counter" | "buffer"
 
     def initial(self) -> np.ndarray:
         dtype = np.int32 if self.dtype == "int32" else np.float32
@@ -54,6 +61,9 @@ class StepEvent(NamedTuple):
         update_state: the call updates the layer state (training or calibration).
         mask_T: ``(T,)`` 1 = real token, 0 = padding, or ``None``.
         config: the layer's :class:`~moe_router.MoEConfig`.
+        token_ids_T: ``(T,)`` int token ids when the caller passed them, else ``None``.
+        seq_len: length of ``x``'s sequence axis (``x.shape[-2]`` for ``x`` of rank >= 3: an
+            int, or a scalar array when only known at run time), ``None`` for ``(T, D)`` input.
     """
 
     plan: RoutingPlan
@@ -61,6 +71,32 @@ class StepEvent(NamedTuple):
     update_state: bool
     mask_T: Array | None
     config: MoEConfig
+    token_ids_T: Array | None = None
+    seq_len: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceConfig:
+    """The opt-in per-token routing trace (observer ``routing_trace``, active when
+    ``MoEConfig.trace`` is set): a ring buffer of ``capacity`` rows kept in the layer state, on
+    the device, filled with ``tokens_per_call`` tokens evenly spaced over each call's tokens.
+
+    Memory per layer: ``capacity * (2 * K + 4) * 4`` bytes (K = the router's ``max_slots``).
+    """
+
+    capacity: int = 4096
+    tokens_per_call: int = 64
+
+    def __post_init__(self) -> None:
+        from ..errors import ConfigError
+
+        for name in ("capacity", "tokens_per_call"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"trace.{name}", value, "an int >= 1")
+        if self.tokens_per_call > self.capacity:
+            raise ConfigError("trace.tokens_per_call", self.tokens_per_call,
+                              f"an int <= trace.capacity ({self.capacity})")
 
 
 class Observer(Protocol):

@@ -69,6 +69,40 @@ def state_fields(config: MoEConfig) -> dict[str, StateField]:
     return fields
 
 
+def state_change(old: MoEConfig, new: MoEConfig) -> tuple[dict[str, StateField], tuple[str, ...]]:
+    """What a layer's storage must add and remove when its config changes from ``old`` to
+    ``new``: ``(added name -> field, removed names)``. Only observer state may change (turning
+    the debugger's counters or trace on and off); a field whose shape, dtype or kind changes is
+    removed and added again (fresh).
+
+    Raises:
+        InputError: ``new`` changes the weight names or the persistent state (``router.state``,
+            ``router.expert_bias``): build a new layer instead.
+    """
+    from ..errors import InputError
+    from ..weights import param_shapes
+
+    before, after = state_fields(old), state_fields(new)
+    def layout(fields: dict[str, StateField]) -> dict[str, tuple[Any, ...]]:
+        return {n: (f.shape, f.dtype) for n, f in fields.items() if n in PERSISTENT}
+
+    if param_shapes(old) != param_shapes(new) or layout(before) != layout(after):
+        raise InputError("config", "the new config changes the layer's weight or persistent "
+                         "state names or shapes; build a new layer instead (only observers and "
+                         "routing fields may change)")
+    added = {n: f for n, f in after.items() if n.startswith(OBSERVER_PREFIX)
+             and before.get(n) != f}
+    removed = tuple(n for n, f in before.items() if n.startswith(OBSERVER_PREFIX)
+                    and after.get(n) != f)
+    return added, removed
+
+
+def observer_names(config: MoEConfig, observer: str | None = None) -> tuple[str, ...]:
+    """The flat state names of ``config``'s observers (of one ``observer`` when given)."""
+    prefix = OBSERVER_PREFIX + (f"{observer}." if observer else "")
+    return tuple(name for name in state_fields(config) if name.startswith(prefix))
+
+
 def initial_state_arrays(config: MoEConfig) -> dict[str, np.ndarray]:
     """The flat initial state as NumPy arrays (what adapters copy into their storage)."""
     return {name: field.initial() for name, field in state_fields(config).items()}

@@ -203,8 +203,11 @@ def layer_step(b: Backend, params: Mapping[str, Array], state: LayerState, x: Ar
         updated.append(ROUTER_STATE)
     observed = dict(state.observers)
     if plan is not None and observers and watching:
+        rank = len(b.shape(x))
         event = StepEvent(plan=plan, training=training, update_state=update,
-                          mask_T=kwargs.get("mask_T"), config=config)
+                          mask_T=kwargs.get("mask_T"), config=config,
+                          token_ids_T=kwargs.get("token_ids_T"),
+                          seq_len=b.dim(x, rank - 2) if rank >= 3 else None)
         for observer in observers:
             observed[observer.name] = observer.update(b, state.observers[observer.name], event)
             updated.extend(f"{OBSERVER_PREFIX}{observer.name}.{field}"
