@@ -25,7 +25,8 @@ def route(router_logits_TE: Array, config: RouterConfig, *, hidden_TD: Array | N
           mask_T: Array | None = None, training: bool = False,
           state: RouterState | None = None, rng: Any = None,
           backend: str | Backend | None = None, update_state: bool | None = None,
-          validate: bool = True) -> RoutingPlan:
+          validate: bool = True, forced_experts_TK: Array | None = None,
+          forced_weights_TK: Array | None = None) -> RoutingPlan:
     """Route T tokens to experts.
 
     Args:
@@ -48,6 +49,14 @@ def route(router_logits_TE: Array, config: RouterConfig, *, hidden_TD: Array | N
             ``training`` calibrates without noise (:func:`moe_router.layer.calibrate`).
         validate: check the inputs' data (NaN/Inf, per ``config.nan_policy``); the layer step
             passes ``False`` because it has already checked them, naming the user's ``x``.
+        forced_experts_TK: ``(T, k)`` int expert ids (``-1`` = unused slot, ``k <=
+            max_slots``) that replace the strategy's choice: router replay (the experts recorded
+            in a rollout) or forced balanced routing. Capacity, losses and statistics then
+            describe the forced choice; the controller state still updates from the router.
+        forced_weights_TK: ``(T, k)`` gate weights of the forced slots; default: the router
+            scores at the forced experts, renormalized over each token's slots as the strategy
+            renormalizes its own (``normalize_weights``, else the strategy's default), times
+            ``route_scale``; the gradient reaches the router.
     """
     b = get_backend(backend) if backend is not None else backend_for(router_logits_TE)
     logits_TE = _validate_logits(b, router_logits_TE, config, validate)
@@ -70,6 +79,9 @@ def route(router_logits_TE: Array, config: RouterConfig, *, hidden_TD: Array | N
         state=state)
     selection = default_registry().strategy(config.strategy)(ctx)
     indices_TK, weights_TK = selection.indices, b.cast(selection.weights, "float32")
+    if forced_experts_TK is not None:
+        indices_TK, weights_TK = _forced(b, config, probs_TE, T, forced_experts_TK,
+                                         forced_weights_TK)
     if config.route_scale != 1.0:
         weights_TK = weights_TK * float(config.route_scale)
     capacity = (None if config.strategy_spec.own_capacity
@@ -156,6 +168,45 @@ def _validate_optional(b: Backend, config: RouterConfig, T: Any, **arrays: Array
 
 
 # ----- pieces of the plan ----------------------------------------------------------------------
+def _forced(b: Backend, config: RouterConfig, probs_TE: Array, T: Any, experts_TK: Array,
+            weights_TK: Array | None) -> tuple[Array, Array]:
+    """The plan's ``(T, max_slots)`` ids and weights from a forced choice (see ``route``)."""
+    from .routing.select import normalize_rows
+
+    shape, K, E = b.shape(experts_TK), config.max_slots, config.num_experts
+    if len(shape) != 2 or (isinstance(T, int) and shape[0] not in (None, T)) or \
+            shape[1] is None or shape[1] > K:
+        raise InputError("forced_experts", f"expected shape ({T}, k) with k <= max_slots={K}, "
+                         f"got {shape}")
+    if b.dtype_kind(experts_TK) not in "iu":
+        raise InputTypeError("forced_experts", f"expected an integer dtype, got kind "
+                             f"{b.dtype_kind(experts_TK)!r}")
+    ids_TK = b.cast(experts_TK, "int")
+    if not b.is_tracing(ids_TK) and bool(b.to_numpy(b.sum(b.cast(ids_TK >= E, "int")) > 0)):
+        raise InputError("forced_experts", f"expected ids in [-1, {E}) (-1 = unused slot)")
+    used_TK = ids_TK >= 0
+    if weights_TK is None:
+        safe_TK = b.where(used_TK, ids_TK, 0)
+        weights_TK = b.where(used_TK, b.take_along_axis(probs_TE[:, :E], safe_TK, axis=-1), 0.0)
+        normalize = config.normalize_weights
+        if normalize if normalize is not None else config.strategy_spec.normalizes:
+            weights_TK = normalize_rows(b, weights_TK)
+    else:
+        if b.shape(weights_TK) != shape:
+            raise InputError("forced_weights", f"expected forced_experts' shape {shape}, got "
+                             f"{b.shape(weights_TK)}")
+        weights_TK = b.where(used_TK, b.cast(weights_TK, "float32"), 0.0)
+    pad = K - shape[1]
+    if pad:
+        fill_TP = b.reshape(ids_TK[:, :1] * 0 - 1, (-1, 1))
+        ids_TK = b.concat([ids_TK, *([fill_TP] * pad)], axis=1)
+        weights_TK = b.concat([weights_TK, *([b.cast(fill_TP * 0, "float32")] * pad)], axis=1)
+    order_TK = b.argsort_desc(b.where(ids_TK >= 0, weights_TK + 1.0, 0.0), axis=-1)
+    return (b.take_along_axis(ids_TK, order_TK, axis=-1),
+            b.take_along_axis(weights_TK, order_TK, axis=-1))
+
+
+
 def _add_noise(b: Backend, logits_TE: Array, config: RouterConfig, rng: Any) -> Array:
     std = float(config.noise_std)
     if config.noise == "normal":

@@ -83,6 +83,8 @@ class StrategySpec:
         own_capacity: interprets ``capacity_factor`` itself (expert choice), so ``route()`` does
             not apply the generic capacity.
         null_experts: supports ``num_null_experts``.
+        normalizes: its weights are renormalized over a token's experts when
+            ``normalize_weights`` is ``None`` (also the default of forced / replayed routing).
     """
 
     name: str
@@ -94,6 +96,7 @@ class StrategySpec:
     inputs: tuple[str, ...] = ()
     own_capacity: bool = False
     null_experts: bool = False
+    normalizes: bool = False
 
     def __post_init__(self) -> None:
         _check_name("strategy", self.name)
@@ -222,7 +225,7 @@ class Registrar:
         """Register routing strategy ``name`` (a function or ``"module:function"``).
 
         ``metadata``: the :class:`StrategySpec` fields ``reads_k``, ``dynamic``, ``stateful``,
-        ``causal_safe``, ``inputs``, ``own_capacity``, ``null_experts``.
+        ``causal_safe``, ``inputs``, ``own_capacity``, ``null_experts``, ``normalizes``.
         """
         self.strategies[name] = StrategySpec(name, target, **metadata)
 

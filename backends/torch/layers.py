@@ -287,11 +287,19 @@ class MoE(nn.Module):
                 token_ids: torch.Tensor | None = None,
                 attention_probs: torch.Tensor | None = None,
                 complexity_scores: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> Any:
+                mask: torch.Tensor | None = None,
+                forced_experts: torch.Tensor | None = None,
+                forced_weights: torch.Tensor | None = None) -> Any:
         """Route and mix. ``x`` ``(..., D)``; ``token_ids`` / ``complexity_scores`` / ``mask``
         have ``x``'s leading shape; ``attention_probs`` ``(T, S)`` or ``(H, T, S)`` for the
         ``attention_entropy`` estimator. Returns ``y`` (``x``'s shape), or ``(y, plan)`` with
-        ``return_plan=True``. Experts run in the autocast dtype when autocast is on."""
+        ``return_plan=True``. Experts run in the autocast dtype when autocast is on.
+
+        ``forced_experts`` ``(..., k)`` (and optionally ``forced_weights``) replace the router's
+        choice for this call (router replay); without them, ``layer.forced_routing`` (a pair
+        set by :meth:`moe_router.debug.MoEDebugger.force_expert_selection`) is used when set."""
+        if forced_experts is None and self.__dict__.get("forced_routing") is not None:
+            forced_experts, forced_weights = self.__dict__["forced_routing"]
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             device = x.device.type
             if torch.is_autocast_enabled(device):
@@ -302,10 +310,13 @@ class MoE(nn.Module):
             training=self.training and not self.calibrating,
             update_state=self.training or self.calibrating, token_ids=token_ids,
             attention_probs=attention_probs, complexity_scores=complexity_scores, mask=mask,
-            need_plan=return_plan, stages=self._stages())
+            need_plan=return_plan, stages=self._stages(), forced_experts=forced_experts,
+            forced_weights=forced_weights)
         if out.updated:
             self._write_state(out.state, out.updated)
         self._last[:] = [out.plan, out.replan]
+        if self.__dict__.get("recording_routing"):
+            self.recorded_experts = self.last_plan.expert_indices.detach()
         return (out.y, self.last_plan) if return_plan else out.y
 
     def _stages(self) -> _LayerStages:

@@ -319,6 +319,83 @@ class MoEDebugger:
         for fn in self._callbacks[event]:
             fn(payload)
 
+    # ----- replay ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def force_expert_selection(self, experts: Any, weights: Any = None) -> Iterator[None]:
+        """Run the model with forced expert choices inside the ``with`` block.
+
+        ``experts``: ``"balanced"`` (every layer routes token t to experts ``(t*k + j) % E``: the
+        best-case balanced routing of throughput tests, via ``RouterConfig.balanced_debug``), one
+        ``(..., k)`` int array of expert ids for every layer, or a mapping of layer name or index
+        to such an array (router replay: the ids recorded with :meth:`record_routing`).
+        ``weights``: gate weights of the same shape(s) (default: the router's scores at the
+        forced experts, so the router still gets a gradient). The forced arrays must match the
+        token count of the calls made in the block.
+        """
+        if self.model is None:
+            raise InputError("force_expert_selection", "needs a debugger made with a model")
+        if isinstance(experts, str):
+            if experts != "balanced":
+                raise InputError("experts", f"expected 'balanced', an array or a mapping, got "
+                                 f"{experts!r}")
+            saved = [(e, e.layer.config) for e in self._layers]
+            try:
+                for entry, config in saved:
+                    entry.layer.config = config.with_router(balanced_debug=True)
+                self._hooks.invalidate_compiled(self.model)
+                yield
+            finally:
+                for entry, config in saved:
+                    entry.layer.config = config
+                self._hooks.invalidate_compiled(self.model)
+            return
+        chosen = self._per_layer(experts, "experts")
+        weights_by = self._per_layer(weights, "weights") if weights is not None else {}
+        for index in weights_by:
+            if index not in chosen:
+                raise InputError("weights", f"weights given for layer {index} without experts")
+        try:
+            for index, ids in chosen.items():
+                self._layers[index].layer.forced_routing = (ids, weights_by.get(index))
+            yield
+        finally:
+            for entry in self._layers:
+                entry.layer.forced_routing = None
+
+    @contextlib.contextmanager
+    def record_routing(self) -> Iterator[dict[str, Any]]:
+        """Record the expert ids each layer chose in the block's last call: the yielded dict
+        (layer name -> ``(T, K)`` int array of the layer's framework) fills when the block ends,
+        ready for :meth:`force_expert_selection` (router replay). Uses each layer's
+        ``return_plan`` path once per call, so it is an eager-mode tool."""
+        if self.model is None:
+            raise InputError("record_routing", "needs a debugger made with a model")
+        recorded: dict[str, Any] = {}
+        for entry in self._layers:
+            entry.layer.recording_routing = True
+        try:
+            yield recorded
+        finally:
+            for entry in self._layers:
+                entry.layer.recording_routing = False
+                ids = getattr(entry.layer, "recorded_experts", None)
+                if ids is not None:
+                    recorded[entry.name] = ids
+                entry.layer.recorded_experts = None
+
+    def _per_layer(self, value: Any, argument: str) -> dict[int, Any]:
+        if not isinstance(value, Mapping):
+            return {e.index: value for e in self._layers}
+        by_name = {e.name: e.index for e in self._layers}
+        out = {}
+        for key, array in value.items():
+            index = by_name.get(key, key if isinstance(key, int) else None)
+            if index is None or not 0 <= index < len(self._layers):
+                raise InputError(argument, f"unknown layer {key!r}; layers: "
+                                 f"{', '.join(by_name)}")
+            out[index] = array
+        return out
+
     # ----- the manual path ------------------------------------------------------------------
     def process_routing_event(self, event: Mapping[str, Any]) -> dict[str, Any]:
         """Record one routing decision given by hand: the older ``{'selected_expert',

@@ -135,13 +135,29 @@ def per_token(b: Backend, name: str, value: Any, T: Any) -> Array | None:
     return b.reshape(value, (-1,))
 
 
+def _per_token_slots(b: Backend, name: str, value: Any, T: Any) -> Array:
+    """A per-token ``(..., k)`` input flattened to ``(T, k)``; the error names the argument."""
+    if not b.is_array(value):
+        value = b.asarray(value)
+    shape = b.shape(value)
+    if len(shape) < 2 or shape[-1] is None:
+        raise InputError(name, f"expected shape (<x's leading shape>, k), got {shape}")
+    flat = b.reshape(value, (-1, shape[-1]))
+    rows = b.shape(flat)[0]
+    if isinstance(T, int) and rows is not None and rows != T:
+        raise InputError(name, f"expected {T} tokens (x's leading shape) of k slots, got shape "
+                         f"{shape}")
+    return flat
+
+
 # ----- the step ----------------------------------------------------------------------------------
 def layer_step(b: Backend, params: Mapping[str, Array], state: LayerState, x: Array,
                config: MoEConfig, *, training: bool = False, update_state: bool | None = None,
                token_ids: Any = None, attention_probs: Any = None,
                complexity_scores: Any = None, mask: Any = None, rng: Any = None,
                dispatch: str | None = None, need_plan: bool = True,
-               stages: LayerStages | None = None) -> StepOutput:
+               stages: LayerStages | None = None, forced_experts: Any = None,
+               forced_weights: Any = None) -> StepOutput:
     """One forward of a MoE layer.
 
     Args:
@@ -160,6 +176,10 @@ def layer_step(b: Backend, params: Mapping[str, Array], state: LayerState, x: Ar
         dispatch: force an expert-compute name (default ``config.dispatch``).
         need_plan: the caller needs the plan now; ``False`` lets a stage skip building it.
         stages: override the backend's stages (tests).
+        forced_experts: ``(..., k)`` int expert ids per token (``x``'s leading shape, ``-1`` =
+            unused) replacing the router's choice (router replay, forced balanced routing);
+            see :func:`~moe_router.route`'s ``forced_experts_TK``.
+        forced_weights: ``forced_experts``' shape, their gate weights (default: router scores).
 
     Returns:
         :class:`StepOutput` ``(y, plan, state, updated, replan)``.
@@ -179,6 +199,11 @@ def layer_step(b: Backend, params: Mapping[str, Array], state: LayerState, x: Ar
             kwargs[PER_TOKEN[name]] = per_token(b, name, value, T)
     if attention_probs is not None:
         kwargs["attention_probs"] = attention_probs
+    if forced_experts is not None:
+        kwargs["forced_experts_TK"] = _per_token_slots(b, "forced_experts", forced_experts, T)
+        if forced_weights is not None:
+            kwargs["forced_weights_TK"] = _per_token_slots(b, "forced_weights", forced_weights,
+                                                           T)
     if state.expert_bias is not None:
         kwargs["expert_bias_E"] = b.stop_gradient(state.expert_bias)
     stateful = r.strategy_spec.stateful
@@ -188,7 +213,7 @@ def layer_step(b: Backend, params: Mapping[str, Array], state: LayerState, x: Ar
     watching = update or any(getattr(o, "observes_inference", False) for o in observers)
     plan: RoutingPlan | None = None
     fast = None
-    if not (need_plan or training or watching):
+    if not (need_plan or training or watching or forced_experts is not None):
         fast = stages.fast_select(logits_TE, r, kwargs)
     if fast is not None:
         ids_TK, gates_TK = fast
