@@ -6,6 +6,7 @@ Importing this module imports jax and flax (``import moe_router`` alone never do
 from __future__ import annotations
 
 from moe_router_backends.jax.backend import JaxBackend
+from moe_router_backends.jax.debug import find_moe_layers, routing_metrics
 from moe_router_backends.jax.functional import apply, init_params, init_state, params_from_weights
 from moe_router_backends.jax.layers import (
                                             AuxLoss,
@@ -17,4 +18,5 @@ from moe_router_backends.jax.layers import (
 )
 
 __all__ = ["AuxLoss", "JaxBackend", "LayerStateVariable", "MoE", "apply", "calibrate",
-           "init_params", "init_state", "moe_layers", "params_from_weights", "total_aux_loss"]
+           "find_moe_layers", "init_params", "init_state", "moe_layers", "params_from_weights",
+           "routing_metrics", "total_aux_loss"]

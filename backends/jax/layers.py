@@ -25,12 +25,15 @@ from moe_router.config import MoEConfig
 from moe_router.errors import InputError, InputTypeError
 from moe_router.layer.calibrate import default_forward, run_calibration
 from moe_router.layer.experts import check_dispatch_framework
+from moe_router.layer.observers import StateField
 from moe_router.layer.state import (
     EXPERT_BIAS,
     ROUTER_STATE,
     LayerState,
     initial_state_arrays,
+    observer_names,
     router_state_of,
+    state_change,
     state_fields,
     state_from_arrays,
     state_to_arrays,
@@ -55,7 +58,7 @@ class ExpertBias(LayerStateVariable):
 
 
 class ObserverState(LayerStateVariable):
-    """``observers.<name>.<field>``: an observer's counters (``expert_load.counts`` (E,) int32)."""
+    """``observers.<name>.<field>``: an observer's counters or ring buffer."""
 
 
 class AuxLoss(nnx.Variable):
@@ -79,6 +82,9 @@ class MoE(nnx.Module):
 
     ``layer(x, return_plan=True)`` returns ``(y, plan)``. Router noise and state updates happen
     in training mode (``layer.train()`` or ``training=True``) and while ``layer.calibrating``.
+    Assigning ``layer.config`` a config that differs only in routing fields, ``observers`` or
+    ``trace`` adds and removes the observer variables (the debugger switching its counters on
+    and off); the next ``nnx.jit`` call retraces once (the graph changed).
     """
 
     def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs | None = None,
@@ -91,13 +97,10 @@ class MoE(nnx.Module):
             param_dtype: dtype of the parameters (the state is float32 / int32).
             weights: initial weights in the portable layout instead of random ones.
         """
-        if not isinstance(config, MoEConfig):
-            raise InputTypeError("config", f"expected a MoEConfig, got {type(config).__name__}")
-        check_dispatch_framework(JAX.framework, config)
+        self.config = config  # the setter checks it
         if rngs is None and (weights is None or config.router.noise != "none"):
             raise InputError("rngs", "expected nnx.Rngs(...) (needed for the random "
                              "initialisation and for router noise)")
-        self.config = config
         if weights is None:  # NumPy draws seeded by the params key: no XLA random compiles
             seed = np.asarray(jax.random.key_data(rngs.params())).ravel().tolist()
             weights = init_weights(config, seed=np.random.SeedSequence(seed))
@@ -112,6 +115,43 @@ class MoE(nnx.Module):
         self.noise_rng = rngs["noise"].fork() if noisy else None
         self.deterministic = True  # nnx convention: layer.train() sets it to False
         self.calibrating = False
+
+    @property
+    def config(self) -> MoEConfig:
+        """The layer's :class:`MoEConfig`; a new one may change the routing and the observers
+        (``observers``, ``trace``), not the weight or persistent state names."""
+        return self._config
+
+    @config.setter
+    def config(self, config: MoEConfig) -> None:
+        if not isinstance(config, MoEConfig):
+            raise InputTypeError("config", f"expected a MoEConfig, got {type(config).__name__}")
+        check_dispatch_framework(JAX.framework, config)
+        old = vars(self).get("_config")
+        if old is not None and old != config:
+            self._change_observers(*state_change(old, config))
+        self._config = config
+
+    def _change_observers(self, added: Mapping[str, StateField], removed: tuple[str, ...]) -> None:
+        """Delete the ``removed`` observer variables (and the groups left empty), then place the
+        ``added`` ones with their initial values."""
+        for name in removed:
+            parts = name.split(".")
+            for depth in range(len(parts) - 1, -1, -1):
+                owner = functools.reduce(getattr, parts[:depth], self)
+                delattr(owner, parts[depth])
+                if depth == 0 or any(isinstance(v, (nnx.Variable, nnx.Module))
+                                     for v in vars(owner).values()):
+                    break
+        for name, field in added.items():
+            self._place(name, ObserverState(jnp.asarray(field.initial())))
+
+    def reset_observers(self, observer: str | None = None) -> None:
+        """Set the observers' state (of one ``observer`` by name, or all; an inactive one: no
+        change) back to its initial values (counters zero, trace rows empty)."""
+        fields = state_fields(self.config)
+        for name in observer_names(self.config, observer):
+            self._var(name)[...] = jnp.asarray(fields[name].initial())
 
     def _place(self, name: str, variable: nnx.Variable) -> None:
         *groups, leaf = name.split(".")
