@@ -5,6 +5,8 @@ Subcommands:
 - ``demo [args...]``: run the demo (:mod:`moe_router.demo`); its own ``--help`` lists its options.
 - ``info [--json]``: version, registered backends and strategies, which frameworks are installed
   (found without importing them) and the environment variables the configs read.
+- ``report SESSION.json [-o REPORT.html]``: the HTML report of a debugger session record
+  (:mod:`moe_router.debug.report`; needs matplotlib, the ``debug`` extra).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -101,6 +104,36 @@ def _cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
     return int(result or 0)
 
 
+def _report_error(message: str) -> int:
+    print(f"moe-router report: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
+    from moe_router.debug.report import read_session, write_report
+    from moe_router.errors import MoERouterError
+
+    try:
+        session = read_session(args.session)
+    except OSError as err:
+        return _report_error(f"cannot read {args.session}: {err.strerror or err}")
+    except (MoERouterError, ValueError) as err:
+        return _report_error(str(err))
+    output = args.output or os.path.splitext(args.session)[0] + ".html"
+    if not args.output and output == args.session:
+        output += ".html"
+    try:
+        write_report(session, output)
+    except ModuleNotFoundError as err:
+        if err.name not in ("matplotlib", "numpy"):
+            raise
+        return _report_error(f"the report needs {err.name}: pip install 'moe-router[debug]'")
+    except OSError as err:
+        return _report_error(f"cannot write {output}: {err.strerror or err}")
+    print(f"wrote {output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe-router",
@@ -114,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="version, backends, installed frameworks, env variables")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(handler=_cmd_info, passthrough=False)
+    report = sub.add_parser("report", help="write the HTML report of a debugger session (JSON)")
+    report.add_argument("session", metavar="SESSION.json", help="session record (JSON file)")
+    report.add_argument("-o", "--output", metavar="REPORT.html",
+                        help="where to write the report (default: SESSION with .html)")
+    report.set_defaults(handler=_cmd_report, passthrough=False)
     return parser
 
 

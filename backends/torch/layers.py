@@ -296,10 +296,10 @@ class MoE(nn.Module):
         ``return_plan=True``. Experts run in the autocast dtype when autocast is on.
 
         ``forced_experts`` ``(..., k)`` (and optionally ``forced_weights``) replace the router's
-        choice for this call (router replay); without them, ``layer.forced_routing`` (a pair
-        set by :meth:`moe_router.debug.MoEDebugger.force_expert_selection`) is used when set."""
-        if forced_experts is None and self.__dict__.get("forced_routing") is not None:
-            forced_experts, forced_weights = self.__dict__["forced_routing"]
+        choice for this call (router replay); without them, the pair set with
+        :meth:`force_routing` is used when set."""
+        if forced_experts is None and self.__dict__.get("_forced") is not None:
+            forced_experts, forced_weights = self.__dict__["_forced"]
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             device = x.device.type
             if torch.is_autocast_enabled(device):
@@ -315,9 +315,27 @@ class MoE(nn.Module):
         if out.updated:
             self._write_state(out.state, out.updated)
         self._last[:] = [out.plan, out.replan]
-        if self.__dict__.get("recording_routing"):
-            self.recorded_experts = self.last_plan.expert_indices.detach()
+        if self.__dict__.get("_recording"):
+            self.__dict__["_recorded"] = self.last_plan.expert_indices.detach()
         return (out.y, self.last_plan) if return_plan else out.y
+
+    def force_routing(self, experts: torch.Tensor | None,
+                      weights: torch.Tensor | None = None) -> None:
+        """Use ``experts`` ``(..., k)`` (and ``weights``) instead of the router's choice in
+        every following call (``forced_experts`` of :meth:`forward`); ``None`` ends it."""
+        self.__dict__["_forced"] = None if experts is None else (experts, weights)
+
+    @property
+    def forced_routing(self) -> tuple[Any, Any] | None:
+        """The ``(experts, weights)`` set by :meth:`force_routing`, or ``None``."""
+        return self.__dict__.get("_forced")
+
+    def record_routing(self, on: bool) -> torch.Tensor | None:
+        """Start (``True``) or stop (``False``) keeping each call's ``(T, K)`` expert ids; stopping
+        returns the last call's ids (``None`` if no call ran)."""
+        self.__dict__["_recording"] = bool(on)
+        recorded = self.__dict__.pop("_recorded", None)
+        return None if on else recorded
 
     def _stages(self) -> _LayerStages:
         """The layer's stages (made once; rebuilt if ``router`` was replaced)."""

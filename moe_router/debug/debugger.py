@@ -356,11 +356,11 @@ class MoEDebugger:
                 raise InputError("weights", f"weights given for layer {index} without experts")
         try:
             for index, ids in chosen.items():
-                self._layers[index].layer.forced_routing = (ids, weights_by.get(index))
+                self._layers[index].layer.force_routing(ids, weights_by.get(index))
             yield
         finally:
             for entry in self._layers:
-                entry.layer.forced_routing = None
+                entry.layer.force_routing(None)
 
     @contextlib.contextmanager
     def record_routing(self) -> Iterator[dict[str, Any]]:
@@ -372,16 +372,14 @@ class MoEDebugger:
             raise InputError("record_routing", "needs a debugger made with a model")
         recorded: dict[str, Any] = {}
         for entry in self._layers:
-            entry.layer.recording_routing = True
+            entry.layer.record_routing(True)
         try:
             yield recorded
         finally:
             for entry in self._layers:
-                entry.layer.recording_routing = False
-                ids = getattr(entry.layer, "recorded_experts", None)
+                ids = entry.layer.record_routing(False)
                 if ids is not None:
                     recorded[entry.name] = ids
-                entry.layer.recorded_experts = None
 
     def _per_layer(self, value: Any, argument: str) -> dict[int, Any]:
         if not isinstance(value, Mapping):

@@ -1,0 +1,130 @@
+"""Session sources and files: JSON (the whole record) and CSV (per-expert rows for
+spreadsheets)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, InputTypeError
+from .events import session_from_events
+from .session import FORMAT, MODES
+
+PathLike = str | os.PathLike[str]
+
+#: the columns of :func:`write_csv`, in order
+CSV_COLUMNS = ("layer", "layer_name", "mode", "expert", "tokens", "share",
+               "layer_tokens", "layer_calls", "layer_slots", "dropped", "drop_rate",
+               "mean_experts", "mean_entropy", "mean_top1", "max_over_mean", "cv", "jain")
+
+
+def validate_session(session: Any, argument: str = "session") -> dict[str, Any]:
+    """A shallow copy of ``session`` once it looks like a session record: its ``format``,
+    a ``layers`` list and ``totals`` with one LAYER_COUNTS per layer (or none) for each mode.
+
+    Raises:
+        InputTypeError: not a dict.
+        InputError: a missing or unsupported ``format``, or ``layers`` / ``totals`` that do not
+            match.
+    """
+    if not isinstance(session, Mapping):
+        raise InputTypeError(argument, f"expected a session record (a dict with format "
+                                       f"{FORMAT!r}), got {type(session).__name__}")
+    if "format" not in session:
+        raise InputError(argument, f"is not a moe-router session record: no 'format' key "
+                                   f"(expected format {FORMAT!r}; keys: "
+                                   f"{', '.join(map(repr, list(session)[:8])) or 'none'})")
+    if session["format"] != FORMAT:
+        raise InputError(f"{argument}['format']", f"{session['format']!r} is not supported: "
+                                                  f"expected {FORMAT!r}")
+    layers, totals = session.get("layers"), session.get("totals")
+    if not isinstance(layers, list):
+        raise InputError(f"{argument}['layers']", f"expected a list, got {layers!r:.80}")
+    if not isinstance(totals, Mapping) or any(
+            not isinstance(totals.get(m, []), list) or len(totals.get(m, [])) not in
+            (0, len(layers)) for m in MODES):
+        raise InputError(f"{argument}['totals']",
+                         f"expected {{'train': [...], 'eval': [...]}} with one LAYER_COUNTS per "
+                         f"layer ({len(layers)}) or none")
+    return dict(session)
+
+
+def load_session(source: Any, argument: str = "source") -> dict[str, Any]:
+    """The session record of ``source``: an object with ``to_session()`` (a debugger), a session
+    dict, a path to a JSON session (:func:`read_json`) or an iterable of event dicts
+    (:func:`~moe_router.debug.events.session_from_events`); checked by :func:`validate_session`.
+
+    Raises:
+        InputTypeError: ``source`` is none of these.
+        InputError: not a valid session record.
+    """
+    if hasattr(source, "to_session") and not isinstance(source, Mapping):
+        return validate_session(source.to_session(), f"{argument}.to_session()")
+    if isinstance(source, Mapping):
+        return validate_session(source, argument)
+    if isinstance(source, (str, os.PathLike)):
+        return read_json(source)
+    if isinstance(source, Iterable) and not isinstance(source, bytes):
+        return session_from_events(source)
+    raise InputTypeError(argument, f"expected a debugger (with to_session()), a session dict, a "
+                                   f"path to a session JSON or a list of event dicts; got "
+                                   f"{type(source).__name__}")
+
+
+def write_json(session: Any, path: PathLike) -> Path:
+    """Write a session (anything :func:`load_session` takes) as indented JSON with sorted keys
+    (so equal sessions give equal files); returns the path. Non-finite floats are written as
+    ``NaN`` / ``Infinity``, which :func:`read_json` reads back."""
+    data = load_session(session, "session")
+    path = Path(path)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def read_json(path: PathLike) -> dict[str, Any]:
+    """Read a session record written by :func:`write_json` (format checked).
+
+    Raises:
+        InputError: the file is not JSON or not a session record.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InputError("path", f"{os.fspath(path)!r} is not JSON: {err}") from None
+    return validate_session(data, argument="path")
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def write_csv(session: Any, path: PathLike) -> Path:
+    """Write one row per layer x mode (``train``, ``eval``) x expert: the expert's ``tokens``
+    (routing slots) and ``share`` of the layer's slots, then layer-level columns of that mode
+    (see :data:`CSV_COLUMNS`; from :meth:`MoEAnalyzer.routing_stats`; empty when unknown).
+    Returns the path."""
+    from .analyzer import MoEAnalyzer  # the analyzer imports this module
+
+    analyzer = MoEAnalyzer(load_session(session, "session"))
+    path = Path(path)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for mode in MODES:
+            for stats in analyzer.routing_stats(mode)["layers"]:
+                layer_cells = [stats["tokens"], stats["calls"], stats["slots"], stats["dropped"],
+                               stats["drop_rate"], stats["mean_experts"], stats["mean_entropy"],
+                               stats["mean_top1"], stats["max_over_mean"], stats["cv"],
+                               stats["jain"]]
+                for expert, (tokens, share) in enumerate(zip(stats["expert_tokens"],
+                                                             stats["utilization"])):
+                    writer.writerow([_cell(v) for v in (
+                        stats["layer"], stats["name"], mode, expert, tokens, share,
+                        *layer_cells)])
+    return path

@@ -1,0 +1,167 @@
+"""Prometheus export of a session record: a custom ``prometheus_client`` collector and a server.
+
+:class:`MoERouterCollector` reads the current session at every scrape (its ``source`` is a
+zero-argument callable such as ``debugger.to_session``) and yields, following Prometheus naming
+rules (prefix ``moe_router_``, base units, ``_total`` counters):
+
+- counters ``moe_router_routing_calls_total``, ``moe_router_tokens_total``,
+  ``moe_router_routed_slots_total``, ``moe_router_dropped_slots_total`` labelled ``{layer, mode}``;
+- gauges ``moe_router_load_max_over_mean_ratio``, ``moe_router_experts_per_token``,
+  ``moe_router_router_entropy_nats``, ``moe_router_dropped_slots_ratio``,
+  ``moe_router_dead_experts`` and ``moe_router_experts`` labelled ``{layer}`` over train + eval
+  totals (a ratio gauge is absent while its layer has seen no tokens);
+- info ``moe_router_layer_info{layer, name, strategy}`` and
+  ``moe_router_session_info{name, framework, digest}``;
+- with ``per_expert=True``: ``moe_router_expert_tokens_total{layer, expert, mode}``.
+
+:func:`serve_metrics` serves one collector on a fresh registry over HTTP.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from .export import as_session, layer_metrics, layer_totals, router_stats_known
+from .session import MODES
+
+__all__ = ["MetricsServer", "MoERouterCollector", "serve_metrics"]
+
+PREFIX = "moe_router"
+#: counters: (name without ``_total``, help, value of one LAYER_COUNTS)
+COUNTERS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], float]], ...] = (
+    ("routing_calls", "Router calls per layer and mode.", lambda c: c["calls"]),
+    ("tokens", "Real (unmasked) tokens routed per layer and mode.", lambda c: c["tokens"]),
+    ("routed_slots", "Routing slots kept (token-expert assignments) per layer and mode.",
+     lambda c: sum(c["expert_tokens"])),
+    ("dropped_slots", "Routing slots removed by the capacity limit per layer and mode.",
+     lambda c: c["dropped"]),
+)
+#: gauges: (name, help, key of :func:`~moe_router.debug.export.layer_metrics`)
+GAUGES = (
+    ("load_max_over_mean_ratio", "Max over mean routed slots per expert (1 = balanced).",
+     "max_over_mean_load"),
+    ("experts_per_token", "Mean number of experts per token.", "mean_experts"),
+    ("router_entropy_nats", "Mean router entropy per token, in nats.", "router_entropy"),
+    ("dropped_slots_ratio", "Dropped over routed + dropped slots.", "drop_rate"),
+    ("dead_experts", "Experts that received no routing slot.", "dead_experts"),
+)
+
+
+def _families(per_expert: bool) -> dict[str, Any]:
+    """Empty metric families by name (also what :meth:`MoERouterCollector.describe` yields)."""
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        InfoMetricFamily,
+    )
+
+    fams: dict[str, Any] = {}
+    for name, doc, _ in COUNTERS:
+        fams[name] = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["layer", "mode"])
+    for name, doc, _ in GAUGES:
+        fams[name] = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["layer"])
+    fams["experts"] = GaugeMetricFamily(f"{PREFIX}_experts", "Experts of the layer.",
+                                        labels=["layer"])
+    fams["layer"] = InfoMetricFamily(f"{PREFIX}_layer", "The MoE layers of the session.",
+                                     labels=["layer"])
+    fams["session"] = InfoMetricFamily(f"{PREFIX}_session", "The debugged session.")
+    if per_expert:
+        fams["expert_tokens"] = CounterMetricFamily(
+            f"{PREFIX}_expert_tokens", "Routing slots each expert received, per layer and mode.",
+            labels=["layer", "expert", "mode"])
+    return fams
+
+
+class MoERouterCollector:
+    """A ``prometheus_client`` collector reading ``source()`` (a session dict) at every scrape.
+
+    ``source`` is a zero-argument callable returning the current session dict (e.g.
+    ``debugger.to_session``; it is called from the HTTP server's thread), or a session dict.
+    ``per_expert`` adds ``moe_router_expert_tokens_total{layer, expert, mode}`` (E series per
+    layer and mode: mind the cardinality).
+    """
+
+    def __init__(self, source: Callable[[], Any] | Mapping[str, Any],
+                 per_expert: bool = False) -> None:
+        self.source = source
+        self.per_expert = per_expert
+
+    def describe(self) -> Iterator[Any]:
+        """The metric families without samples (registration does not call ``source``)."""
+        yield from _families(self.per_expert).values()
+
+    def collect(self) -> Iterator[Any]:
+        """The metric families of the current session."""
+        s = as_session(self.source if isinstance(self.source, Mapping) else self.source())
+        fams = _families(self.per_expert)
+        per_mode = {mode: layer_totals(s, mode) for mode in MODES}
+        combined = layer_totals(s)
+        for i, layer in enumerate(s["layers"]):
+            index = str(layer["index"])
+            for mode in MODES:
+                counts = per_mode[mode][i]
+                for name, _, value in COUNTERS:
+                    fams[name].add_metric([index, mode], float(value(counts)))
+                if self.per_expert:
+                    for e, n in enumerate(counts["expert_tokens"]):
+                        fams["expert_tokens"].add_metric([index, str(e), mode], float(n))
+            metrics = layer_metrics(combined[i], router_stats_known(s))
+            for name, _, key in GAUGES:
+                if metrics[key] is not None:
+                    fams[name].add_metric([index], metrics[key])
+            fams["experts"].add_metric([index], float(layer["num_experts"]))
+            fams["layer"].add_metric([index], {"name": str(layer.get("name") or ""),
+                                               "strategy": str(layer.get("strategy") or "")})
+        digest = s.get("digest") or {}
+        fams["session"].add_metric([], {"name": str(s.get("name") or ""),
+                                        "framework": str(s.get("framework") or ""),
+                                        "digest": str(digest.get("id") or "")})
+        yield from fams.values()
+
+
+class MetricsServer:
+    """A running metrics HTTP server: ``port``, ``url``, ``registry``; ``close()`` stops it."""
+
+    def __init__(self, server: Any, thread: threading.Thread, registry: Any) -> None:
+        self.server, self.thread, self.registry = server, thread, registry
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = self.server.server_address[0]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def serve_metrics(source: Callable[[], Any] | Mapping[str, Any], port: int = 0,
+                  addr: str = "127.0.0.1", per_expert: bool = False) -> MetricsServer:
+    """Serve a :class:`MoERouterCollector` of ``source`` on a fresh registry at
+    ``http://addr:port/metrics`` (``port=0``: a free port, see ``.port``) from a daemon thread."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(MoERouterCollector(source, per_expert=per_expert))  # type: ignore[arg-type]
+    started = start_http_server(port, addr=addr, registry=registry)
+    if started is None:  # old prometheus_client versions return nothing to shut down
+        raise RuntimeError("serve_metrics needs a newer prometheus_client (its "
+                           "start_http_server returned no server): pip install -U "
+                           "prometheus_client")
+    server, thread = started
+    return MetricsServer(server, thread, registry)
