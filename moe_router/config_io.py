@@ -77,6 +77,11 @@ def _parse_env(env: str, field: str, type_name: str, raw: str) -> Any:
             return float(text)
         if type_name.startswith("tuple"):  # comma-separated names
             return tuple(item.strip() for item in text.split(",") if item.strip())
+        if type_name.startswith("TraceConfig"):  # "capacity" or "capacity,tokens_per_call"
+            numbers = [int(item) for item in text.split(",")]
+            if len(numbers) > 2:
+                raise ValueError(text)
+            return dict(zip(("capacity", "tokens_per_call"), numbers, strict=False))
     except ValueError:
         raise ConfigError(f"{field} (from ${env})", raw, f"a value of type {type_name}") from None
     return text

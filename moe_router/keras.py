@@ -1,4 +1,4 @@
-"""Keras 3 facade: ``from moe_router.keras import MoE, ExpertBiasUpdate``.
+"""Keras 3 facade: ``from moe_router.keras import MoE, ExpertBiasUpdate, MoEMetrics``.
 
 Importing this module imports TensorFlow and Keras (with ``KERAS_BACKEND=tensorflow`` unless set
 otherwise; another Keras backend raises a clear ``ImportError``). ``import moe_router`` alone
@@ -12,10 +12,11 @@ from typing import Any
 
 from moe_router.layer.calibrate import default_forward, run_calibration
 from moe_router_backends.tensorflow.backend import TensorFlowBackend
+from moe_router_backends.tensorflow.debug import MoEMetrics, find_moe_layers, invalidate_compiled
 from moe_router_backends.tensorflow.layers import ExpertBiasUpdate, MoE
 
-__all__ = ["ExpertBiasUpdate", "MoE", "TensorFlowBackend", "calibrate", "moe_layers",
-           "total_aux_loss"]
+__all__ = ["ExpertBiasUpdate", "MoE", "MoEMetrics", "TensorFlowBackend", "calibrate",
+           "find_moe_layers", "invalidate_compiled", "moe_layers", "total_aux_loss"]
 
 
 def moe_layers(model: Any) -> list[MoE]:

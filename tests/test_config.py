@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import moe_router as mr
 from moe_router.config import env_variables
+from moe_router.layer.observers import TraceConfig
 from moe_router.registry import Registrar, default_registry
 
 E = 8
@@ -113,6 +114,7 @@ MOE_INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("observers unknown", {"observers": ("nope",)}, "observers"),
     ("observers a str", {"observers": "expert_load"}, "observers"),
     ("observers twice", {"observers": ("expert_load", "expert_load")}, "observers"),
+    ("trace a str", {"trace": "on"}, "trace"),
 ]
 
 
@@ -342,6 +344,7 @@ MOE_ENV_CASES: dict[str, tuple[str, Any, dict[str, str]]] = {
     "MOE_INIT_STD": ("0.1", 0.1, {}),
     "MOE_DISPATCH": ("sorted", "sorted", {}),
     "MOE_OBSERVERS": (" expert_load, ", ("expert_load",), {}),
+    "MOE_TRACE": ("256,16", TraceConfig(256, 16), {}),
 }
 ROUTER_BASE = {"MOE_NUM_EXPERTS": "8"}
 MOE_BASE = {**ROUTER_BASE, "MOE_D_MODEL": "16", "MOE_D_FF": "32"}
@@ -649,6 +652,19 @@ def test_tiles_suggests_both_frameworks() -> None:
         pytest.skip("framework kernels are registered by entry points: `pip install -e .`")
     with pytest.raises(mr.ConfigError, match="did you mean 'jax:tiles' or 'tensorflow:tiles'"):
         _moe(dispatch="tiles")
+
+
+def test_trace_config_is_validated_and_round_trips_as_a_dict() -> None:
+    with pytest.raises(mr.ConfigError, match="trace.capacity"):
+        TraceConfig(capacity=0)
+    with pytest.raises(mr.ConfigError, match="trace.tokens_per_call"):
+        TraceConfig(capacity=8, tokens_per_call=16)
+    with pytest.raises(mr.ConfigError, match="rows"):
+        _moe(trace={"rows": 3})
+    mc = _moe(trace={"capacity": 32, "tokens_per_call": 4})
+    assert mc.trace == TraceConfig(32, 4)
+    assert mr.MoEConfig.from_dict(dataclasses.asdict(mc)) == mc
+    assert hash(mc) == hash(_moe(trace=TraceConfig(32, 4)))
 
 
 def test_observers_are_stored_as_a_tuple(tmp_path: Path) -> None:

@@ -465,7 +465,7 @@ def test_builtin_estimator_kernel_and_observer_metadata() -> None:
         "dense": ("moe_router.layer.experts:dense", None, "tokens", True),
         "gather": ("moe_router.layer.experts:gather", None, "tokens", True),
     }
-    assert registry.observer_names() == ["expert_load"]
+    assert registry.observer_names() == ["expert_load", "routing_stats", "routing_trace"]
     assert registry.observer_spec("expert_load") == ObserverSpec(
         "expert_load", "moe_router.layer.observers:ExpertLoad")
     assert registry.dispatch_policy("numpy") is None

@@ -8,7 +8,11 @@ runs :func:`moe_router.layer.step.layer_step`. The layer only stores things the 
 - the flat layer state (:func:`~moe_router.layer.state.state_fields`: ``router.state``,
   ``router.expert_bias``, ``observers.*``) is non-trainable weights, saved with the model.
   Under ``tf.distribute`` the observers' counters aggregate with ``"sum"`` (each replica adds its
-  own counts: the layer writes the step's increment with ``assign_add``), the rest with ``"mean"``;
+  own counts: the layer writes the step's increment with ``assign_add``), their ``"buffer"``
+  fields (the routing trace) are overwritten with ``assign`` and keep the first replica's value
+  (``"only_first_replica"``), the rest aggregate with ``"mean"``;
+- assigning ``layer.config`` a config that changes only observers / trace / routing fields adds
+  and removes the observer weights in place (the debugger switching its counters on and off);
 - ``plan.losses.total`` goes to ``add_loss``, so ``model.fit`` optimizes the aux losses.
 
 Errors raised inside ``call()`` (bad ``token_ids``, NaN input, ...) reach the caller as our own
@@ -17,9 +21,10 @@ typed error with its own message (Keras would re-raise them with an ANSI-formatt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -31,13 +36,16 @@ import tensorflow as tf  # noqa: E402
 from moe_router.config import MoEConfig  # noqa: E402
 from moe_router.errors import InputError, InputTypeError, MoERouterError  # noqa: E402
 from moe_router.layer.experts import check_dispatch_framework  # noqa: E402
+from moe_router.layer.observers import StateField  # noqa: E402
 from moe_router.layer.state import (  # noqa: E402
     OBSERVER_PREFIX,
     PERSISTENT,
     ROUTER_STATE,
     LayerState,
     initial_state_arrays,
+    observer_names,
     router_state_of,
+    state_change,
     state_fields,
     state_from_arrays,
     state_to_arrays,
@@ -60,6 +68,25 @@ _step = tf.autograph.experimental.do_not_convert(layer_step)
 
 def _var_name(name: str) -> str:
     return name.replace(".", "_")
+
+
+def _aggregation(name: str, field: StateField) -> str:
+    """``tf.distribute`` aggregation of state ``name``: observer counters sum the replicas'
+    increments, observer buffers keep the first replica's value, the rest average."""
+    if not name.startswith(OBSERVER_PREFIX):
+        return "mean"
+    return "only_first_replica" if field.kind == "buffer" else "sum"
+
+
+@contextlib.contextmanager
+def _scope_of(variable: keras.Variable) -> Iterator[None]:
+    """The ``tf.distribute`` scope ``variable`` was created in (new state joins its strategy)."""
+    strategy = getattr(variable.value, "_distribute_strategy", None)
+    if strategy is None or tf.distribute.has_strategy():
+        yield
+    else:
+        with strategy.scope():
+            yield
 
 
 @keras.saving.register_keras_serializable(package="moe_router")
@@ -86,19 +113,78 @@ class MoE(keras.layers.Layer):
         if not isinstance(config, MoEConfig):
             raise InputTypeError("config", f"expected a MoEConfig or its dict, got "
                                  f"{type(config).__name__}")
-        check_dispatch_framework(_TF.framework, config)
-        framework = (default_registry().kernel_spec(config.dispatch).framework
-                     if config.dispatch != "auto" else None)
-        self.config = config
         self.seed = seed
         self.calibrating = False
         self.supports_masking = True
+        self._seed_gen: keras.random.SeedGenerator | None = None
+        self.config = config
+
+    @property
+    def config(self) -> MoEConfig:
+        """The layer's :class:`~moe_router.MoEConfig`. After build a new one may change the
+        observers, the trace and the routing, not the weight or persistent state names: the
+        observer weights are added (fresh) and removed in place; recompile functions that
+        called the layer (:func:`moe_router_backends.tensorflow.debug.invalidate_compiled`).
+
+        Raises:
+            InputTypeError: not a ``MoEConfig``.
+            InputError: the new config changes weight or persistent state names or shapes.
+        """
+        return self._moe_config
+
+    @config.setter
+    def config(self, config: MoEConfig) -> None:
+        if not isinstance(config, MoEConfig):
+            raise InputTypeError("config", f"expected a MoEConfig, got {type(config).__name__}")
+        check_dispatch_framework(_TF.framework, config)
+        if self.built:
+            added, removed = state_change(self._moe_config, config)
+            self._change_observers(config, added, removed)
+        self._moe_config = config
+        self._kinds = {name: field.kind for name, field in state_fields(config).items()
+                       if name.startswith(OBSERVER_PREFIX)}
         # Keras only XLA-compiles (jit_compile="auto") when every layer supports it; portable
         # names do (the policy picks a static-shape kernel under XLA)
-        self.supports_jit = framework is None or default_registry().kernel_spec(
-            config.dispatch).static_shapes
-        self._seed_gen = keras.random.SeedGenerator(seed) if config.router.noise != "none" \
+        spec = default_registry().kernel_spec(config.dispatch) if config.dispatch != "auto" \
             else None
+        self.supports_jit = spec is None or spec.framework is None or spec.static_shapes
+        if config.router.noise != "none" and self._seed_gen is None:
+            with self._unlocked():
+                self._seed_gen = keras.random.SeedGenerator(self.seed)
+
+    @contextlib.contextmanager
+    def _unlocked(self) -> Iterator[None]:
+        """Keras locks a built layer's state; the observers may still change."""
+        tracker = self._tracker
+        locked = tracker.locked
+        tracker.unlock()
+        try:
+            yield
+        finally:
+            if locked:
+                tracker.lock()
+
+    def _change_observers(self, config: MoEConfig, added: Mapping[str, StateField],
+                          removed: tuple[str, ...]) -> None:
+        """Untrack the ``removed`` observer weights and add the ``added`` ones (initial values),
+        in the order a fresh build of ``config`` has them (``.keras`` files store by index)."""
+        with self._unlocked():
+            for name in removed:
+                self._state.pop(name)  # a tracked dict: untracks the variable
+            with _scope_of(self._state[ROUTER_STATE]):
+                for name, field in added.items():
+                    self._state[name] = self._add_state(name, field)
+            state = {name: self._state[name] for name in state_fields(config)}
+            ids = {id(v) for v in state.values()}
+            store = self._non_trainable_variables
+            store[:] = [v for v in store if id(v) not in ids] + list(state.values())
+            self._state = state
+
+    def _add_state(self, name: str, field: StateField) -> keras.Variable:
+        return self.add_weight(
+            shape=field.shape, initializer=keras.initializers.Constant(field.initial()),
+            name=_var_name(name), dtype=field.dtype, trainable=False, autocast=False,
+            aggregation=_aggregation(name, field))
 
     # ----- weights and state -------------------------------------------------------------------
     def build(self, input_shape: Any) -> None:
@@ -115,10 +201,7 @@ class MoE(keras.layers.Layer):
                 autocast=not name.startswith("router."))  # the router stays float32
         self._state: dict[str, keras.Variable] = {}
         for name, field in state_fields(self.config).items():
-            self._state[name] = self.add_weight(
-                shape=field.shape, initializer=keras.initializers.Constant(field.initial()),
-                name=_var_name(name), dtype=field.dtype, trainable=False, autocast=False,
-                aggregation="sum" if name.startswith(OBSERVER_PREFIX) else "mean")
+            self._state[name] = self._add_state(name, field)
 
     def _ensure_built(self) -> None:
         if not self.built:
@@ -154,6 +237,15 @@ class MoE(keras.layers.Layer):
         """Every flat state array (router state, expert bias, observer counters) as NumPy."""
         self._ensure_built()
         return {name: np.asarray(var.numpy()) for name, var in self._state.items()}
+
+    def reset_observers(self, observer: str | None = None) -> None:
+        """Set the observers' state (of one ``observer`` by name, or all) to its initial values
+        (host assignment, outside any compiled function)."""
+        if not self.built:
+            return
+        fields = state_fields(self.config)
+        for name in observer_names(self.config, observer):
+            self._state[name].assign(fields[name].initial())
 
     @property
     def router_state(self) -> RouterState:
@@ -219,12 +311,12 @@ class MoE(keras.layers.Layer):
                     token_ids=token_ids, attention_probs=attention_probs,
                     complexity_scores=complexity_scores, mask=mask,
                     need_plan=return_plan or has_losses,
-                    rng=self._seed_gen.next() if training and self._seed_gen else None)
+                    rng=self._seed_gen.next() if training and r.noise != "none" else None)
         new = state_to_arrays(_TF, out.state, out.updated)
         for name in out.updated:  # counters: the increment (summed over replicas); Keras'
-            if name.startswith(OBSERVER_PREFIX):  # own assign_add would assign old + increment
+            if self._kinds.get(name) == "counter":  # assign_add would assign old + increment
                 self._state[name].value.assign_add(new[name] - arrays[name])
-            else:
+            else:  # controller state, observer buffers: overwritten
                 self._state[name].assign(new[name])
         plan = out.plan
         if has_losses:

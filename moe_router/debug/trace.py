@@ -14,13 +14,14 @@ field           shape           dtype    meaning
 ``token``       ``(N + 1,)``    int32    token id when the call got ``token_ids``, else -1
 ``call``        ``(N + 1,)``    int32    the layer's call number (0-based, while tracing)
 ``mode``        ``(N + 1,)``    int32    0 = training call, 1 = evaluation call
-``written``     ``(1,)``        int32    rows written so far (counter; the cursor)
-``calls``       ``(1,)``        int32    calls seen so far (counter)
+``written``     ``(1,)``        int32    rows written so far (the cursor)
+``calls``       ``(1,)``        int32    calls seen so far
 ==============  ==============  =======  ===============================================
 
 N = ``capacity``; row N is a discard row that absorbs the writes of unsampled slots, so every
 call writes a static number of rows (no shape depends on T: no recompilation). Rows are unused
-while ``index`` is -1. The buffers are ``kind="buffer"`` state (overwritten, not summed).
+while ``index`` is -1. All fields are ``kind="buffer"`` state (overwritten, not summed: under
+``tf.distribute`` the ring and its cursor are the first replica's).
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ class RoutingTrace:
             "token": StateField((rows,), COUNT_DTYPE, -1, **buffer),
             "call": StateField((rows,), COUNT_DTYPE, -1, **buffer),
             "mode": StateField((rows,), COUNT_DTYPE, -1, **buffer),
-            "written": StateField((1,), COUNT_DTYPE),
-            "calls": StateField((1,), COUNT_DTYPE),
+            "written": StateField((1,), COUNT_DTYPE, **buffer),
+            "calls": StateField((1,), COUNT_DTYPE, **buffer),
         }
 
     def update(self, b: Backend, values: Mapping[str, Array],
