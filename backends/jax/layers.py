@@ -65,6 +65,11 @@ class AuxLoss(nnx.Variable):
     """The last call's ``plan.losses.total``: a float32 scalar, differentiable in ``nnx.grad``."""
 
 
+class Routing(nnx.Variable):
+    """Expert ids (or weights) forced by :meth:`MoE.force_routing` or recorded by
+    :meth:`MoE.record_routing` (state: new values of the same shape need no retrace)."""
+
+
 _KINDS = {ROUTER_STATE: ControllerState, EXPERT_BIAS: ExpertBias}
 
 
@@ -115,6 +120,7 @@ class MoE(nnx.Module):
         self.noise_rng = rngs["noise"].fork() if noisy else None
         self.deterministic = True  # nnx convention: layer.train() sets it to False
         self.calibrating = False
+        self.recording = False
 
     @property
     def config(self) -> MoEConfig:
@@ -232,13 +238,41 @@ class MoE(nnx.Module):
         self._write(new, BIAS_STEP_UPDATES)
         return new.expert_bias
 
+    def force_routing(self, experts: Any, weights: Any = None) -> None:
+        """Use ``experts`` ``(..., k)`` (and ``weights``) instead of the router's choice in every
+        following call; ``None`` ends it. Kept as :class:`Routing` variables, so under
+        ``nnx.jit`` new ids of the same shape need no retrace."""
+        for name in ("forced_experts", "forced_weights"):
+            if hasattr(self, name):
+                delattr(self, name)
+        if experts is not None:
+            self.forced_experts = Routing(jnp.asarray(experts, jnp.int32))
+            if weights is not None:
+                self.forced_weights = Routing(jnp.asarray(weights, jnp.float32))
+
+    def record_routing(self, on: bool) -> jax.Array | None:
+        """Start (``True``) or stop (``False``) keeping each call's ``(T, K)`` expert ids (the
+        first recorded call must be eager: it creates the variable); stopping returns the last
+        call's ids (``None`` if no call ran)."""
+        self.recording = bool(on)
+        recorded = self.recorded_experts[...] if hasattr(self, "recorded_experts") else None
+        if hasattr(self, "recorded_experts"):
+            del self.recorded_experts
+        return None if on else recorded
+
     # ----- forward -------------------------------------------------------------------------
     def __call__(self, x: jax.Array, *, token_ids: Any = None, attention_probs: Any = None,
                  complexity_scores: Any = None, mask: Any = None, training: bool | None = None,
-                 rng: Any = None,
-                 return_plan: bool = False) -> jax.Array | tuple[jax.Array, RoutingPlan]:
+                 rng: Any = None, return_plan: bool = False, forced_experts: Any = None,
+                 forced_weights: Any = None) -> jax.Array | tuple[jax.Array, RoutingPlan]:
         """Route and mix ``x`` ``(..., D)``; ``token_ids`` / ``complexity_scores`` / ``mask``
-        have ``x``'s leading shape, ``attention_probs`` is ``(T, S)`` or ``(H, T, S)``."""
+        have ``x``'s leading shape, ``attention_probs`` is ``(T, S)`` or ``(H, T, S)``.
+        ``forced_experts`` ``(..., k)`` (and ``forced_weights``) replace the router's choice
+        (router replay); without them, those set by :meth:`force_routing` are used."""
+        if forced_experts is None and hasattr(self, "forced_experts"):
+            forced_experts = self.forced_experts[...]
+            forced_weights = self.forced_weights[...] if hasattr(self, "forced_weights") \
+                else None
         training = (not self.deterministic) if training is None else bool(training)
         if training and rng is None and self.noise_rng is not None:
             rng = self.noise_rng()
@@ -248,9 +282,12 @@ class MoE(nnx.Module):
                          training=training, update_state=training or self.calibrating,
                          token_ids=token_ids, attention_probs=attention_probs,
                          complexity_scores=complexity_scores, mask=mask, rng=rng,
-                         need_plan=return_plan or capturing or training)
+                         need_plan=return_plan or capturing or training or self.recording,
+                         forced_experts=forced_experts, forced_weights=forced_weights)
         self._write(out.state, out.updated)
         plan = out.plan
+        if self.recording:
+            self.recorded_experts = Routing(plan.expert_indices)
         self.aux_loss[...] = (jnp.zeros((), jnp.float32) if plan is None
                               else jnp.asarray(plan.losses.total, jnp.float32))
         if capturing and plan is not None:

@@ -300,8 +300,13 @@ class MoE(keras.layers.Layer):
 
     def call(self, inputs: Any, training: bool | None = None, mask: Any = None,
              token_ids: Any = None, complexity_scores: Any = None, attention_probs: Any = None,
-             return_plan: bool = False) -> Any:
+             return_plan: bool = False, forced_experts: Any = None,
+             forced_weights: Any = None) -> Any:
         r = self.config.router
+        forced = self.__dict__.get("_forced")
+        if forced_experts is None and forced is not None:
+            forced_experts, forced_weights = forced
+        recording = self.__dict__.get("_recording", False)
         training = bool(training)
         has_losses = bool(r.aux_loss_coef or r.z_loss_coef or r.entropy_loss_coef)
         params = {name: var.value for name, var in self._params.items()}
@@ -310,8 +315,9 @@ class MoE(keras.layers.Layer):
                     training=training, update_state=training or self.calibrating,
                     token_ids=token_ids, attention_probs=attention_probs,
                     complexity_scores=complexity_scores, mask=mask,
-                    need_plan=return_plan or has_losses,
-                    rng=self._seed_gen.next() if training and r.noise != "none" else None)
+                    need_plan=return_plan or has_losses or recording,
+                    rng=self._seed_gen.next() if training and r.noise != "none" else None,
+                    forced_experts=forced_experts, forced_weights=forced_weights)
         new = state_to_arrays(_TF, out.state, out.updated)
         for name in out.updated:  # counters: the increment (summed over replicas); Keras'
             if self._kinds.get(name) == "counter":  # assign_add would assign old + increment
@@ -319,9 +325,27 @@ class MoE(keras.layers.Layer):
             else:  # controller state, observer buffers: overwritten
                 self._state[name].assign(new[name])
         plan = out.plan
+        if recording and tf.executing_eagerly():
+            self.__dict__["_recorded"] = plan.expert_indices
         if has_losses:
             self.add_loss(plan.losses.total)
         return (out.y, plan) if return_plan else out.y
+
+    def force_routing(self, experts: Any, weights: Any = None) -> None:
+        """Use ``experts`` ``(..., k)`` (and ``weights``) instead of the router's choice in every
+        following call (``forced_experts`` of ``call``); ``None`` ends it. A ``tf.function``
+        traced while it is set keeps the forced arrays as constants: use it eagerly
+        (``run_eagerly=True``) or pass ``forced_experts`` to the call."""
+        self.__dict__["_forced"] = None if experts is None else (
+            tf.convert_to_tensor(experts), None if weights is None
+            else tf.convert_to_tensor(weights, tf.float32))
+
+    def record_routing(self, on: bool) -> Any:
+        """Start (``True``) or stop (``False``) keeping each eager call's ``(T, K)`` expert ids;
+        stopping returns the last call's ids (``None`` if no eager call ran)."""
+        self.__dict__["_recording"] = bool(on)
+        recorded = self.__dict__.pop("_recorded", None)
+        return None if on else recorded
 
 
 class ExpertBiasUpdate(keras.callbacks.Callback):
