@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moe_router.debug.analyzer import MoEAnalyzer, load_stats
+from moe_router.debug.analyzer import LAYER_METRICS, MoEAnalyzer, layer_metrics, load_stats
 from moe_router.debug.files import read_json, write_csv, write_json
 from moe_router.debug.session import FORMAT, empty_counts
 from moe_router.errors import InputError, InputTypeError
@@ -60,7 +60,8 @@ def test_utilization_rows_and_modes() -> None:
     s = session([counts([30, 10, 0, 40]), counts([0, 0, 0, 0])],
                 [counts([10, 10, 10, 10]), counts([5, 0, 0, 0])])
     a = MoEAnalyzer(s)
-    np.testing.assert_allclose(a.utilization("train"), [[.375, .125, 0, .5], [0, 0, 0, 0]])
+    nan = [np.nan] * 4  # a layer that got no slot: undefined
+    np.testing.assert_allclose(a.utilization("train"), [[.375, .125, 0, .5], nan])
     np.testing.assert_allclose(a.utilization("eval"), [[.25] * 4, [1, 0, 0, 0]])
     np.testing.assert_allclose(a.utilization(), [[40 / 120, 20 / 120, 10 / 120, 50 / 120],
                                                  [1, 0, 0, 0]])
@@ -128,11 +129,11 @@ def test_collapse() -> None:
 def test_drop_rate_and_k_distribution() -> None:
     c = counts([30, 60], k=2, tokens=50, dropped=10, k_hist=[5, 5, 40])
     a = MoEAnalyzer(session([c, counts([0, 0])]))
-    assert a.drop_rate() == [pytest.approx(0.1), 0.0]
+    assert a.drop_rate() == [pytest.approx(0.1), None]   # nothing routed nor dropped: undefined
     by_layer = a.k_distribution()
     assert by_layer[0] == {"layer": 0, "counts": [5, 5, 40], "fractions": [0.1, 0.1, 0.8],
                            "mean": pytest.approx(85 / 50)}
-    assert by_layer[1]["mean"] is None
+    assert by_layer[1]["mean"] is None and by_layer[1]["fractions"] is None
     with pytest.raises(InputError):
         a.k_distribution(by="expert")
 
@@ -210,10 +211,66 @@ def test_routing_stats_means() -> None:
     assert layer["drop_rate"] == pytest.approx(0.2)
     assert layer["utilization"] == [.375, .125, 0.0, .5]
     assert layer["max_over_mean"] == pytest.approx(2.0)
+    assert layer["dead_experts"] == 1   # 80 slots / 4 = 20 expected: judged; expert 2 got none
     assert stats["overall"]["tokens"] == 40 and stats["overall"]["drop_rate"] == pytest.approx(.2)
+    assert stats["overall"]["mean_experts"] == 2.0
     manual = MoEAnalyzer(session([c], framework=None)).routing_stats()["layers"][0]
     assert manual["mean_entropy"] is None and manual["mean_aux_loss"] is None
     assert manual["mean_top1"] == 0.6
+    empty = MoEAnalyzer(session([counts([0, 0, 0, 0], tokens=0, calls=0)])).routing_stats()
+    assert empty["layers"][0]["utilization"] is None
+    assert all(empty["layers"][0][k] is None for k in LAYER_METRICS)
+    assert empty["overall"]["drop_rate"] is None and empty["overall"]["mean_experts"] is None
+
+
+def by_hand(c: dict, known: bool = True) -> dict:
+    """The derived metrics of one LAYER_COUNTS, computed here without moe_router (``None``:
+    undefined: no traffic, too small to judge, or not measured)."""
+    x, kh = np.asarray(c["expert_tokens"], float), np.asarray(c["k_hist"], float)
+    tokens, calls, E, slots = c["tokens"], c["calls"], x.size, x.sum()
+
+    def div(a, b):
+        return a / b if b else None
+
+    entropy = div(c["entropy_sum"], tokens) if known else None
+    judge = tokens and slots / E >= 20
+    return {"mean_experts": div((np.arange(kh.size) * kh).sum(), kh.sum()),
+            "mean_entropy": entropy,
+            "normalized_entropy": None if entropy is None else entropy / math.log(E),
+            "mean_top1": div(c["top1_sum"], tokens),
+            "mean_z_loss": div(c["z_loss_sum"], tokens) if known else None,
+            "mean_balance_loss": div(c["balance_sum"], calls) if known else None,
+            "mean_aux_loss": div(c["aux_loss_sum"], calls) if known else None,
+            "drop_rate": div(c["dropped"], c["dropped"] + slots),
+            "max_over_mean": div(x.max(), x.mean()) if slots else None,
+            "cv": x.std() / x.mean() if slots else None,
+            "jain": slots ** 2 / (E * (x ** 2).sum()) if slots else None,
+            "dead_experts": int((x / slots < 0.05 / E).sum()) if judge else None}
+
+
+@pytest.mark.parametrize("c", [
+    counts([30, 10, 0, 40], k=2, tokens=40, calls=4, dropped=20, entropy=20.0, top1=24.0,
+           z_loss=80.0, aux=0.2, balance=4.4, k_hist=[0, 0, 40]),
+    counts([300, 1, 299, 0], k=2, tokens=300, calls=3, dropped=0, k_hist=[10, 0, 290]),
+    counts([5, 5, 0], tokens=10),                            # too small to judge dead experts
+    counts([0, 0, 0, 0], tokens=0, calls=0),                 # no traffic: everything undefined
+    counts([0, 0], tokens=7, calls=1, dropped=3, k_hist=[7, 0]),  # tokens, but no slot routed
+])
+@pytest.mark.parametrize("known", [True, False])
+def test_layer_metrics_is_the_one_definition(c, known) -> None:
+    got = layer_metrics(c, known)
+    assert tuple(got) == LAYER_METRICS
+    for key, want in by_hand(c, known).items():
+        assert (got[key] is None) == (want is None), key
+        if want is not None:
+            assert got[key] == pytest.approx(want), key
+    # every per-layer summary reads this function
+    s = session([c], framework="numpy" if known else None)
+    a = MoEAnalyzer(s)
+    row = a.routing_stats()["layers"][0]
+    assert {k: row[k] for k in LAYER_METRICS} == got == a.metrics()[0]
+    assert a.drop_rate() == [got["drop_rate"]]
+    assert len(a.dead_experts()) == (got["dead_experts"] or 0)
 
 
 def test_detect_issues() -> None:
@@ -332,7 +389,7 @@ def test_json_round_trip_is_stable(tmp_path) -> None:
         read_json(tmp_path / "bad.json")
     assert info.value.argument == "path['format']"
     (tmp_path / "junk.json").write_text("not json")
-    with pytest.raises(InputError, match="not JSON"):
+    with pytest.raises(InputError, match="not a JSON file"):
         read_json(tmp_path / "junk.json")
 
 
@@ -348,12 +405,14 @@ def test_write_csv(tmp_path) -> None:
     assert float(first["share"]) == pytest.approx(.375)
     assert first["layer_tokens"] == "80" and float(first["max_over_mean"]) == pytest.approx(2.0)
     empty = [r for r in rows if r["layer"] == "1" and r["mode"] == "eval"]
-    assert [r["share"] for r in empty] == ["0", "0"] and empty[0]["jain"] == ""
+    # undefined numbers are empty cells: no slot, so no shares, balance or drop rate
+    assert [r["share"] for r in empty] == ["", ""] and empty[0]["jain"] == ""
+    assert empty[0]["drop_rate"] == "" and empty[0]["layer_tokens"] == "0"
 
 
 def test_modules_import_no_framework() -> None:
     code = ("import sys, moe_router.debug.analyzer, moe_router.debug.events, "
-            "moe_router.debug.files; "
+            "moe_router.debug.files, moe_router.debug.suggestions; "
             "print([m for m in ('torch', 'jax', 'tensorflow') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -364,13 +423,13 @@ def test_utilization_and_balance_properties(loads) -> None:
     a = MoEAnalyzer(session([counts(x, tokens=sum(x)) for x in loads]))
     util = a.utilization()
     for x, u, b in zip(loads, util, a.balance()):
-        assert u.sum() == pytest.approx(1.0 if sum(x) else 0.0)
-        assert np.all(u >= 0)
         if sum(x):
+            assert u.sum() == pytest.approx(1.0) and np.all(u >= 0)
             E = len(x)
             assert 1 / E - 1e-12 <= b["jain"] <= 1 + 1e-12
             assert 1 - 1e-12 <= b["max_over_mean"] <= E + 1e-9
             assert b["cv"] >= 0
             assert load_stats(x) == {k: v for k, v in b.items() if k != "layer"}
         else:
+            assert np.isnan(u[: len(x)]).all() and not u[len(x):].any()   # zero padding
             assert b["jain"] is None

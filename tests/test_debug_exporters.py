@@ -24,9 +24,12 @@ STEP_MODES = ("train", "train", "eval")
 DIGEST_ID = "0123456789abcdef"
 
 
-def make_session(seed: int = 0, steps: int = 3) -> dict[str, Any]:
-    """A small, consistent session record: 2 layers, ``steps`` steps, totals = sum of the steps
-    per mode, a trace of the first tokens of every call (token ids on layer 0 only)."""
+def make_session(seed: int = 0, steps: int = 3,
+                 tokens: tuple[int, int] = (6, 12)) -> dict[str, Any]:
+    """A small, consistent session record: 2 layers, ``steps`` steps of ``tokens`` (low, high)
+    tokens per layer, totals = sum of the steps per mode, a trace of the first tokens of every
+    call (token ids on layer 0 only). The default is too small to judge dead experts; with
+    ``tokens=(100, 160)`` every step is judged and layer 1 has one dead expert."""
     rng = np.random.default_rng(seed)
     layers = [{"index": i, "name": f"model.layers.{i}.mlp<&>", "num_experts": E, "max_slots": K,
                "strategy": "top_p", "min_experts": 1, "max_experts": K, "config": None}
@@ -40,7 +43,7 @@ def make_session(seed: int = 0, steps: int = 3) -> dict[str, Any]:
             c = empty_counts(E, K)
             usable = np.arange(E) if i == 0 else np.array([0, 1])
             probs = np.linspace(3, 1, len(usable)) / np.linspace(3, 1, len(usable)).sum()
-            T = int(rng.integers(6, 12))
+            T = int(rng.integers(*tokens))
             for t in range(T):
                 k = int(rng.integers(0, K + 1)) if t else 1   # some tokens get no expert
                 experts = [int(e) for e in rng.choice(usable, size=k, replace=False, p=probs)]
@@ -73,15 +76,21 @@ def make_session(seed: int = 0, steps: int = 3) -> dict[str, Any]:
     return json.loads(json.dumps(session))   # plain JSON, as a file would give
 
 
-def expected(c: dict[str, Any]) -> dict[str, float]:
-    """The exported metrics of one LAYER_COUNTS, computed independently of moe_router."""
+def expected(c: dict[str, Any]) -> dict[str, float | None]:
+    """The exported metrics of one LAYER_COUNTS, computed independently of moe_router, by the
+    analyzer's definitions (``None``: undefined, so not exported). Dead experts: a share below
+    0.05 / E, judged only when the layer saw at least 20 slots per expert."""
     et = np.asarray(c["expert_tokens"], dtype=float)
     kh = np.asarray(c["k_hist"], dtype=float)
-    return {"max_over_mean_load": et.max() / et.mean(),
+    slots, E, tokens = et.sum(), et.size, c["tokens"]
+    return {"max_over_mean": et.max() / et.mean() if slots else None,
+            "jain": slots ** 2 / (E * (et ** 2).sum()) if slots else None,
             "mean_experts": float((np.arange(len(kh)) * kh).sum() / kh.sum()),
-            "router_entropy": c["entropy_sum"] / c["tokens"],
-            "drop_rate": c["dropped"] / (et.sum() + c["dropped"]),
-            "dead_experts": float((et == 0).sum())}
+            "mean_entropy": c["entropy_sum"] / tokens,
+            "mean_top1": c["top1_sum"] / tokens,
+            "mean_aux_loss": c["aux_loss_sum"] / c["calls"],
+            "drop_rate": c["dropped"] / (slots + c["dropped"]),
+            "dead_experts": float((et / slots < 0.05 / E).sum()) if slots / E >= 20 else None}
 
 
 def combined(session: dict[str, Any], i: int) -> dict[str, Any]:
@@ -122,10 +131,11 @@ def read_events(session: dict[str, Any], logdir: Path, tmp_path: Path) -> dict[s
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_tensorboard_one_point_per_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tokens", [(6, 12), (100, 160)])
+def test_tensorboard_one_point_per_step(tmp_path: Path, tokens: tuple[int, int]) -> None:
     from moe_router.debug.tensorboard import write_tensorboard
 
-    session = make_session()
+    session = make_session(tokens=tokens)
     path = write_tensorboard(session, tmp_path / "tb")
     assert Path(path).parent == tmp_path / "tb" and "tfevents" in Path(path).name
     data = read_events(session, tmp_path / "tb", tmp_path)
@@ -133,29 +143,38 @@ def test_tensorboard_one_point_per_step(tmp_path: Path) -> None:
     scalars, hists = data["scalars"], data["histograms"]
     steps = [e["step"] for e in session["steps"]]
     for i in range(len(LAYERS)):
-        for metric in ("max_over_mean_load", "mean_experts", "router_entropy", "drop_rate",
-                       "dead_experts", "top1_prob", "z_loss", "balance_loss", "aux_loss"):
+        for metric in ("max_over_mean", "cv", "jain", "mean_experts", "mean_entropy",
+                       "normalized_entropy", "drop_rate", "mean_top1", "mean_z_loss",
+                       "mean_balance_loss", "mean_aux_loss"):
             assert [s for s, _ in scalars[f"moe/{metric}/layer_{i}"]] == steps
+        dead = []
         for entry, (s, _) in zip(session["steps"], scalars[f"moe/mean_experts/layer_{i}"],
                                  strict=True):
             c = entry["layers"][i]
             for metric, value in expected(c).items():
-                got = dict(scalars[f"moe/{metric}/layer_{i}"])[s]
-                assert got == pytest.approx(value, rel=1e-6), (metric, i, s)
+                got = dict(scalars.get(f"moe/{metric}/layer_{i}", []))
+                if value is None:   # undefined: no point at this step
+                    assert s not in got, (metric, i, s)
+                else:
+                    assert got[s] == pytest.approx(value, rel=1e-6), (metric, i, s)
+            dead.append(expected(c)["dead_experts"])
             e_hist = dict(hists[f"moe/expert_tokens/layer_{i}"])[s]
             assert e_hist["bucket"] == c["expert_tokens"]
             k_hist = dict(hists[f"moe/k/layer_{i}"])[s]
             assert k_hist["bucket"] == c["k_hist"] and k_hist["num"] == c["tokens"]
+        # small steps are too small to judge; large ones find layer 1's unused expert
+        assert dead == [None if tokens == (6, 12) else [0.0, 1.0][i]] * len(steps)
 
 
 def test_tensorboard_snapshot_of_totals_at_a_step(tmp_path: Path) -> None:
     from moe_router.debug.tensorboard import write_tensorboard
 
-    session = make_session(seed=1)
+    session = make_session(seed=1, tokens=(30, 40))
     write_tensorboard(session, tmp_path / "tb", step=7)
     data = read_events(session, tmp_path / "tb", tmp_path)
     for i in range(len(LAYERS)):
         want = expected(combined(session, i))
+        assert want["dead_experts"] == [0.0, 1.0][i]   # the totals are large enough to judge
         for metric, value in want.items():
             [[step, got]] = data["scalars"][f"moe/{metric}/layer_{i}"]
             assert step == 7 and got == pytest.approx(value, rel=1e-6)
@@ -192,12 +211,16 @@ def check_scrape(metrics: dict[str, Any], session: dict[str, Any]) -> None:
                 assert metrics["moe_router_expert_tokens_total"][key] == c["expert_tokens"][e]
         want = expected(combined(session, i))
         key = (("layer", layer),)
-        for name, metric in (("load_max_over_mean_ratio", "max_over_mean_load"),
+        for name, metric in (("load_max_over_mean_ratio", "max_over_mean"),
                              ("experts_per_token", "mean_experts"),
-                             ("router_entropy_nats", "router_entropy"),
+                             ("router_entropy_nats", "mean_entropy"),
                              ("dropped_slots_ratio", "drop_rate"),
                              ("dead_experts", "dead_experts")):
-            assert metrics[f"moe_router_{name}"][key] == pytest.approx(want[metric], rel=1e-9)
+            if want[metric] is None:   # undefined: no sample
+                assert key not in metrics.get(f"moe_router_{name}", {}), (name, i)
+            else:
+                assert metrics[f"moe_router_{name}"][key] == pytest.approx(want[metric],
+                                                                             rel=1e-9)
         assert metrics["moe_router_experts"][key] == E
     [session_info] = metrics["moe_router_session_info"]
     assert ("digest", DIGEST_ID) in session_info
@@ -210,9 +233,13 @@ def test_serve_metrics_scrapes_the_current_session() -> None:
     with serve_metrics(lambda: current["session"], per_expert=True) as server:
         assert server.port > 0 and server.url.startswith("http://127.0.0.1:")
         check_scrape(scrape(server.url), current["session"])
-        assert make_session(seed=5) != current["session"]
-        current["session"] = make_session(seed=5)   # every scrape reads the source again
-        check_scrape(scrape(server.url), current["session"])
+        assert "moe_router_dead_experts" not in scrape(server.url)   # too small to judge
+        big = make_session(seed=5, tokens=(100, 160))
+        current["session"] = big   # every scrape reads the source again
+        metrics = scrape(server.url)
+        check_scrape(metrics, big)
+        assert metrics["moe_router_dead_experts"] == {(("layer", "0"),): 0.0,
+                                                      (("layer", "1"),): 1.0}
     with pytest.raises(OSError):
         urllib.request.urlopen(server.url, timeout=2)
 
@@ -258,13 +285,26 @@ def registry_of(collector: Any) -> Any:
 
 
 def test_sources_are_validated() -> None:
-    from moe_router.debug.export import as_session
+    from moe_router.debug.files import load_session
     from moe_router.debug.prometheus import MoERouterCollector
 
     with pytest.raises(ValueError, match="format"):
-        as_session({"format": "something-else/1", "layers": [], "totals": {}})
+        load_session({"format": "something-else/1", "layers": [], "totals": {}})
     with pytest.raises(ValueError, match="totals"):
-        as_session({**make_session(), "totals": {"train": [{}], "eval": []}})
+        load_session({**make_session(), "totals": {"train": [{}], "eval": []}})
+    with pytest.raises(ValueError, match=r"\['totals'\]\['train'\]\[0\]: .*LAYER_COUNTS"):
+        load_session({**make_session(), "totals": {"train": [{"calls": 1}] * 2}})
+    first_layer = make_session()["layers"][0]
+    with pytest.raises(ValueError, match=r"\['layers'\]\[1\]: needs the int fields"):
+        load_session({**make_session(), "layers": [first_layer, {"index": 1}]})
+    with pytest.raises(ValueError, match=r"\['steps'\]\[0\]"):
+        load_session({**make_session(), "steps": [{"step": 0, "layers": [{}]}]})
+    with pytest.raises(ValueError, match="list of dicts"):
+        load_session({**make_session(), "trace": [1, 2]})
+    # a manual debugger's step taken before a layer existed lists fewer layers
+    short = make_session()
+    short["steps"][0]["layers"] = short["steps"][0]["layers"][:1]
+    assert len(load_session(short)["steps"][0]["layers"]) == 1
     collector = MoERouterCollector(lambda: {"format": FORMAT})
     with pytest.raises(ValueError, match="layers"):
         list(collector.collect())
@@ -273,13 +313,30 @@ def test_sources_are_validated() -> None:
         def to_session(self) -> dict[str, Any]:
             return make_session()
 
-    assert as_session(Debugger())["digest"]["id"] == DIGEST_ID
+    assert load_session(Debugger())["digest"]["id"] == DIGEST_ID
+    bare = {k: v for k, v in make_session().items() if k not in ("steps", "trace", "events")}
+    assert {k: load_session(bare)[k] for k in ("steps", "trace", "events")} == {
+        "steps": [], "trace": [], "events": []}
+
+
+def test_lazy_exports_of_the_package() -> None:
+    import moe_router.debug as debug
+    from moe_router.debug import files, prometheus, report, tensorboard
+
+    assert debug.write_tensorboard is tensorboard.write_tensorboard
+    assert debug.serve_metrics is prometheus.serve_metrics
+    assert debug.MoERouterCollector is prometheus.MoERouterCollector
+    assert debug.write_report is report.write_report and debug.write_json is files.write_json
+    assert set(debug.__all__) <= set(dir(debug))
+    with pytest.raises(AttributeError):
+        debug.as_session  # noqa: B018 - the old duplicate loader is gone
 
 
 def test_debug_modules_import_nothing_heavy() -> None:
     heavy = ("torch", "jax", "tensorflow", "matplotlib", "tensorboard", "prometheus_client")
-    code = ("import sys, moe_router, moe_router.cli, moe_router.debug.export, "
-            "moe_router.debug.tensorboard, moe_router.debug.prometheus, moe_router.debug.report\n"
+    code = ("import sys, moe_router, moe_router.cli, moe_router.debug, moe_router.debug.analyzer, "
+            "moe_router.debug.suggestions, moe_router.debug.files, moe_router.debug.tensorboard, "
+            "moe_router.debug.prometheus, moe_router.debug.report\n"
             f"print([m for m in {heavy!r} if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)

@@ -10,15 +10,16 @@ import re
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_debug_exporters import DIGEST_ID, make_session
+from test_debug_exporters import DIGEST_ID, LAYERS, combined, make_session
 
 from moe_router import cli
+from moe_router.debug.analyzer import MoEAnalyzer
 from moe_router.debug.report import render_report, write_report
+from moe_router.debug.session import empty_counts
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("utilisation", "layers", "balance", "k-hist", "issues", "tokens")
@@ -68,39 +69,69 @@ def test_token_view_colours_tokens_by_their_top1_expert() -> None:
 
 
 def test_issues_come_from_the_analyzer_and_are_escaped(monkeypatch: pytest.MonkeyPatch) -> None:
-    class FakeAnalyzer:
-        def __init__(self, source: Any) -> None:
-            assert source["digest"]["id"] == DIGEST_ID
+    def fake_issues(self: MoEAnalyzer) -> list[dict[str, Any]]:
+        assert self.session is not None and self.session["digest"]["id"] == DIGEST_ID
+        return [{"kind": "imbalance", "layer": 1, "severity": "error",
+                 "message": "<b>hot</b> expert", "evidence": {"max_over_mean": 3.5}}]
 
-        def detect_issues(self) -> list[dict[str, Any]]:
-            return [{"kind": "imbalance", "layer": 1, "severity": "error",
-                     "message": "<b>hot</b> expert", "evidence": {"max_over_mean": 3.5}}]
-
-    fake = types.ModuleType("moe_router.debug.analyzer")
-    fake.MoEAnalyzer = FakeAnalyzer  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "moe_router.debug.analyzer", fake)
+    monkeypatch.setattr(MoEAnalyzer, "detect_issues", fake_issues)
     page = render_report(make_session())
     assert "<tr class='issue'>" in page and "&lt;b&gt;hot&lt;/b&gt; expert" in page
     assert "sev-error" in page and "max_over_mean" in page
 
-    monkeypatch.setitem(sys.modules, "moe_router.debug.analyzer", None)   # import fails
-    assert "id='issues-unavailable'" in render_report(make_session())
-
-    fake.MoEAnalyzer = lambda source: 1 / 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "moe_router.debug.analyzer", fake)
+    monkeypatch.setattr(MoEAnalyzer, "detect_issues", lambda self: 1 / 0)
     assert "Issue detection failed: ZeroDivisionError" in render_report(make_session())
 
 
 def test_real_analyzer_issues_are_listed() -> None:
-    pytest.importorskip("moe_router.debug.analyzer")
-    from moe_router.debug.analyzer import MoEAnalyzer
-
     session = make_session()
     page = render_report(session)
     issues = MoEAnalyzer(session).detect_issues()
     assert page.count("<tr class='issue'>") == len(issues)
     if not issues:
         assert "id='no-issues'" in page
+    big = make_session(tokens=(100, 160))   # large enough to judge: layer 1's expert 2 is dead
+    page = render_report(big)
+    issues = MoEAnalyzer(big).detect_issues()
+    assert ("dead_expert", 1) in [(i["kind"], i["layer"]) for i in issues]
+    assert page.count("<tr class='issue'>") == len(issues) and "dead_expert" in page
+
+
+def layer_rows(page: str) -> list[list[str]]:
+    """The cells of the layers table, one list per layer."""
+    table = page[page.index("<section id='layers'>"):page.index("<section id='balance'>")]
+    rows = re.findall(r"<tr>(<td.*?)</tr>", table)
+    return [re.findall(r"<td[^>]*>([^<]*)</td>", r) for r in rows]
+
+
+@pytest.mark.parametrize("tokens", [(6, 12), (100, 160)])
+def test_layers_table_shows_the_analyzer_numbers(tokens: tuple[int, int]) -> None:
+    """The table's numbers, computed here by hand from the totals (``-``: undefined)."""
+    session = make_session(tokens=tokens)
+    rows = layer_rows(render_report(session))
+    assert len(rows) == 2
+    for i, cells in enumerate(rows):
+        c = combined(session, i)
+        slots, E = sum(c["expert_tokens"]), len(c["expert_tokens"])
+        want = [c["calls"], c["tokens"],
+                sum(k * n for k, n in enumerate(c["k_hist"])) / sum(c["k_hist"]),
+                c["entropy_sum"] / c["tokens"], c["top1_sum"] / c["tokens"],
+                c["dropped"] / (c["dropped"] + slots), max(c["expert_tokens"]) * E / slots]
+        assert cells[5:12] == [str(want[0]), str(want[1])] + [f"{v:.3g}" for v in want[2:]]
+        dead = sum(n / slots < 0.05 / E for n in c["expert_tokens"])
+        assert cells[12] == ("-" if slots / E < 20 else str(dead))
+    if tokens == (100, 160):
+        assert [r[12] for r in rows] == ["0", "1"]
+
+
+def test_report_of_a_layer_without_traffic() -> None:
+    session = make_session()
+    for mode in ("train", "eval"):
+        session["totals"][mode][1] = empty_counts(*LAYERS[1])
+    session["steps"] = []
+    page = render_report(session)
+    assert layer_rows(page)[1][5:] == ["0", "0", "-", "-", "-", "-", "-", "-"]
+    assert set(images(page)) == {"heatmap", "balance-plot", "k-plot"}
 
 
 def test_report_without_steps_or_trace_and_from_events() -> None:

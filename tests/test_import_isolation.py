@@ -61,3 +61,17 @@ def test_cli_info_imports_no_framework() -> None:
             "    status = main(['info', '--json'])\n"
             f"print(status, {LOADED})")
     assert last_line(run_python("-c", code)) == "0 []"
+
+
+def test_import_moe_router_debug_imports_nothing_heavy() -> None:
+    """The debugger package, its analyzer and its exporters load their optional dependencies
+    (TensorBoard, prometheus_client, matplotlib) only when a file is written, a server started or
+    a plot drawn."""
+    heavy = (*FRAMEWORKS, "matplotlib", "tensorboard", "prometheus_client")
+    code = ("import sys\n"
+            "import moe_router, moe_router.debug\n"
+            "from moe_router.debug import MoEAnalyzer, MoEDebugger, TraceConfig\n"
+            "import moe_router.debug.tensorboard, moe_router.debug.prometheus\n"
+            "import moe_router.debug.report, moe_router.debug.files\n"
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    assert last_line(run_python("-c", code)) == "[]"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from moe_router.config import MoEConfig
-from moe_router.errors import InputError, InputTypeError
+from moe_router.errors import InputTypeError
 from moe_router.layer.experts import check_dispatch_framework, warm_registry
 from moe_router.layer.state import (
     PERSISTENT,

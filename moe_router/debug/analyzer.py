@@ -1,10 +1,15 @@
 """MoEAnalyzer: load balance, dead experts, collapse, drops and suggestions from a session record.
 
-Every number comes from the session dict (see :mod:`moe_router.debug.session`). "Slots" are
-routing slots (a token routed to k experts fills k), so an expert's *share* is its fraction of
-the layer's slots and a uniform layer gives every expert 1/E. Means that a session does not know
-(router entropy, z-loss and aux losses of manual events, whose ``framework`` is ``None``; any mean
-over zero tokens) are ``None`` in dict results and NaN in arrays.
+Every per-layer number is defined here once, from the session dict (see
+:mod:`moe_router.debug.session`): :func:`layer_metrics` of one LAYER_COUNTS and the methods of
+:class:`MoEAnalyzer`; the CSV file, the exporters and the HTML report read them from here.
+"Slots" are routing slots (a token routed to k experts fills k): an expert's *share* is its
+fraction of the layer's slots.
+
+Undefined numbers (a mean over zero tokens or calls; shares or a drop rate with no slot routed or
+dropped; dead experts of a layer too small to judge; router entropy, z-loss and aux-loss means of
+manual events, whose ``framework`` is ``None``) are ``None`` in every dict and list returned here
+(``null`` in JSON, an empty CSV cell, no TensorBoard point or Prometheus sample), NaN in arrays.
 
 Small samples: a layer is judged for dead experts, collapse and imbalance only when the count
 each expert would get under uniform routing, ``slots / E``, is at least ``min_expected``
@@ -25,7 +30,18 @@ from .events import session_from_events
 from .files import load_session
 from .session import MODES, add_counts, empty_counts
 
-ISSUE_KINDS = ("dead_expert", "collapse", "imbalance", "drops")
+#: default dead-expert threshold: a share below this fraction of the uniform share 1/E
+DEAD_THRESHOLD = 0.05
+#: default smallest expected count per expert (slots / E) for a layer to be judged
+MIN_EXPECTED = 20.0
+#: the keys of :func:`layer_metrics`, each ``None`` when undefined
+LAYER_METRICS = ("mean_experts", "mean_entropy", "normalized_entropy", "mean_top1", "mean_z_loss",
+                 "mean_balance_loss", "mean_aux_loss", "drop_rate", "max_over_mean", "cv", "jain",
+                 "dead_experts")
+
+
+def _div(a: float, b: float) -> float | None:
+    return float(a) / b if b else None
 
 
 def load_stats(expert_tokens: Sequence[float]) -> dict[str, float | None]:
@@ -39,13 +55,66 @@ def load_stats(expert_tokens: Sequence[float]) -> dict[str, float | None]:
             "jain": float(x.sum() ** 2 / (x.size * (x ** 2).sum()))}
 
 
-def _div(a: float, b: float) -> float | None:
-    return float(a) / b if b else None
+def shares(values: Sequence[float]) -> list[float] | None:
+    """Each value over their sum (an expert's share of the slots, a k's share of the tokens);
+    ``None`` when they sum to 0."""
+    total = sum(values)
+    return [v / total for v in values] if total else None
 
 
-def _top1(row: Mapping[str, Any]) -> int | None:
-    """The expert of a trace row / event with the largest weight (the first on ties)."""
-    experts, weights = row["experts"], row["weights"]
+def mean_k(k_hist: Sequence[int]) -> float | None:
+    """Mean experts per token, ``sum_k k * k_hist[k] / sum_k k_hist[k]``."""
+    return _div(sum(k * int(v) for k, v in enumerate(k_hist)), sum(int(v) for v in k_hist))
+
+
+def judged(counts: Mapping[str, Any], min_expected: float = MIN_EXPECTED) -> tuple[int, float]:
+    """``(slots, expected per expert)`` of one LAYER_COUNTS; expected is 0.0 when the layer is too
+    small to judge (``slots / E < min_expected``, or no tokens)."""
+    slots, E = int(sum(counts["expert_tokens"])), len(counts["expert_tokens"])
+    expected = slots / E if E and counts["tokens"] else 0.0
+    return slots, expected if expected >= min_expected else 0.0
+
+
+def dead_expert_ids(counts: Mapping[str, Any], threshold: float = DEAD_THRESHOLD,
+                    min_expected: float = MIN_EXPECTED) -> list[int] | None:
+    """The experts of one LAYER_COUNTS whose share of the slots is below ``threshold / E``
+    (``threshold`` times the uniform share); ``None`` when the layer is too small to judge."""
+    slots, expected = judged(counts, min_expected)
+    if not expected:
+        return None
+    E = len(counts["expert_tokens"])
+    return [e for e, n in enumerate(counts["expert_tokens"]) if n / slots < threshold / E]
+
+
+def layer_metrics(counts: Mapping[str, Any], known: bool = True, *,
+                  dead_threshold: float = DEAD_THRESHOLD,
+                  min_expected: float = MIN_EXPECTED) -> dict[str, Any]:
+    """The derived metrics of one LAYER_COUNTS (:data:`LAYER_METRICS`, ``None`` when undefined):
+    ``mean_experts`` (:func:`mean_k`); per-token means ``mean_entropy`` (nats), ``mean_top1``
+    (top-1 weight or event confidence), ``mean_z_loss``, and ``normalized_entropy`` (mean_entropy
+    / ln E); per-call means ``mean_balance_loss``, ``mean_aux_loss``; ``drop_rate`` (dropped /
+    (dropped + routed) slots); :func:`load_stats`; ``dead_experts`` (how many
+    :func:`dead_expert_ids`). ``known=False`` (manual events) leaves the entropy, z-loss, balance
+    and aux-loss means ``None`` (not measured)."""
+    x = [int(v) for v in counts["expert_tokens"]]
+    tokens, calls, dropped = int(counts["tokens"]), int(counts["calls"]), int(counts["dropped"])
+    entropy = _div(counts["entropy_sum"], tokens) if known else None
+    dead = dead_expert_ids(counts, dead_threshold, min_expected)
+    return {"mean_experts": mean_k(counts["k_hist"]), "mean_entropy": entropy,
+            "normalized_entropy": entropy / math.log(len(x))
+            if entropy is not None and len(x) > 1 else None,
+            "mean_top1": _div(counts["top1_sum"], tokens),
+            "mean_z_loss": _div(counts["z_loss_sum"], tokens) if known else None,
+            "mean_balance_loss": _div(counts["balance_sum"], calls) if known else None,
+            "mean_aux_loss": _div(counts["aux_loss_sum"], calls) if known else None,
+            "drop_rate": _div(dropped, dropped + sum(x)), **load_stats(x),
+            "dead_experts": None if dead is None else len(dead)}
+
+
+def top1_expert(row: Mapping[str, Any]) -> int | None:
+    """The expert of a trace row / event with the largest weight (the first on ties; the first
+    expert when the weights are missing); ``None`` for a token given no expert."""
+    experts, weights = list(row.get("experts") or []), list(row.get("weights") or [])
     if not experts:
         return None
     return int(experts[int(np.argmax(weights))] if len(weights) == len(experts) else experts[0])
@@ -99,6 +168,10 @@ class MoEAnalyzer:
             out.append(counts)
         return out
 
+    def metrics(self, mode: str | None = None, **thresholds: Any) -> list[dict[str, Any]]:
+        """:func:`layer_metrics` (``thresholds``: its keywords) of each layer's :meth:`counts`."""
+        return [layer_metrics(c, self.has_router_stats, **thresholds) for c in self.counts(mode)]
+
     def _rows(self, mode: str | None, layer: int | None = None) -> list[dict[str, Any]]:
         """Token-level records (trace rows, then events) of ``mode`` and ``layer``."""
         self.counts(mode)  # checks mode
@@ -115,14 +188,14 @@ class MoEAnalyzer:
 
     # ----- load balance ------------------------------------------------------------------
     def utilization(self, mode: str | None = None) -> np.ndarray:
-        """(L, E) float64 shares of slots (E = the most experts of any layer, zero-padded); each
-        row sums to 1, or is all zero for a layer that saw no tokens."""
+        """(L, E) float64 :func:`shares` of slots (E = the most experts of any layer; a narrower
+        layer's row is zero-padded); each row sums to 1, or is NaN for a layer that got no
+        slot."""
         counts = self.counts(mode)
         out = np.zeros((len(counts), max((len(c["expert_tokens"]) for c in counts), default=0)))
         for i, c in enumerate(counts):
-            x = np.asarray(c["expert_tokens"], dtype=np.float64)
-            if x.sum() > 0:
-                out[i, : x.size] = x / x.sum()
+            row = shares(c["expert_tokens"])
+            out[i, : len(c["expert_tokens"])] = np.nan if row is None else row
         return out
 
     def balance(self, mode: str | None = None) -> list[dict[str, Any]]:
@@ -131,40 +204,31 @@ class MoEAnalyzer:
                 for i, c in enumerate(self.counts(mode))]
 
     def balance_over_steps(self) -> np.ndarray:
-        """(S, L) max/mean of the expert_tokens each step added (NaN: no tokens that step)."""
+        """(S, L) max/mean of the expert_tokens each step added (NaN: no slots that step, or a
+        step taken before the layer existed)."""
         steps = self._data().get("steps", [])
         out = np.full((len(steps), len(self.layers)), np.nan)
         for s, step in enumerate(steps):
             for i, c in enumerate(step["layers"][: len(self.layers)]):
-                value = load_stats(c["expert_tokens"])["max_over_mean"]
-                out[s, i] = np.nan if value is None else value
+                out[s, i] = load_stats(c["expert_tokens"])["max_over_mean"] or np.nan
         return out
 
-    def _judged(self, counts: Mapping[str, Any], min_expected: float) -> tuple[int, float]:
-        """(slots, expected per expert), expected 0.0 when the layer is too small to judge."""
-        slots, E = int(sum(counts["expert_tokens"])), len(counts["expert_tokens"])
-        expected = slots / E if E and counts["tokens"] else 0.0
-        return slots, expected if expected >= min_expected else 0.0
-
-    def dead_experts(self, mode: str | None = None, threshold: float = 0.05,
-                     min_expected: float = 20.0) -> list[dict[str, Any]]:
-        """Experts whose share is below ``threshold / E`` (``threshold`` times the uniform share),
-        in layers judged (see the module docstring); each with its numbers."""
+    def dead_experts(self, mode: str | None = None, threshold: float = DEAD_THRESHOLD,
+                     min_expected: float = MIN_EXPECTED) -> list[dict[str, Any]]:
+        """:func:`dead_expert_ids` of every layer judged (see the module docstring), each with
+        its numbers."""
         dead = []
         for i, c in enumerate(self.counts(mode)):
-            slots, expected = self._judged(c, min_expected)
-            if not expected:
-                continue
-            E = len(c["expert_tokens"])
-            for e, n in enumerate(c["expert_tokens"]):
-                if n / slots < threshold / E:
-                    dead.append({"layer": i, "expert": e, "tokens": int(n), "share": n / slots,
-                                 "uniform_share": 1 / E, "threshold_share": threshold / E,
-                                 "layer_slots": slots, "expected_tokens": expected})
+            (slots, expected), x = judged(c, min_expected), c["expert_tokens"]
+            dead += [{"layer": i, "expert": e, "tokens": int(x[e]), "share": x[e] / slots,
+                      "uniform_share": 1 / len(x), "threshold_share": threshold / len(x),
+                      "layer_slots": slots, "expected_tokens": expected}
+                     for e in dead_expert_ids(c, threshold, min_expected) or ()]
         return dead
 
     def collapse(self, mode: str | None = None, max_fraction: float = 0.9,
-                 min_entropy: float = 0.1, min_expected: float = 20.0) -> list[dict[str, Any]]:
+                 min_entropy: float = 0.1,
+                 min_expected: float = MIN_EXPECTED) -> list[dict[str, Any]]:
         """Per layer: ``collapsing`` (``None`` when too small to judge) is ``by_load`` (the
         busiest expert gets more than ``max_fraction`` of the tokens, judged when uniform
         routing gives it less: mean_k / E < ``max_fraction``) or ``by_entropy`` (mean router
@@ -172,11 +236,10 @@ class MoEAnalyzer:
         out = []
         for i, c in enumerate(self.counts(mode)):
             x, tokens = c["expert_tokens"], c["tokens"]
-            slots, expected = self._judged(c, min_expected)
+            slots, expected = judged(c, min_expected)
             top = int(np.argmax(x)) if slots else None
             fraction = _div(x[top], tokens) if top is not None else None
-            entropy = _div(c["entropy_sum"], tokens) if self.has_router_stats else None
-            norm = entropy / math.log(len(x)) if entropy is not None and len(x) > 1 else None
+            norm = layer_metrics(c, self.has_router_stats)["normalized_entropy"]
             by_load = bool(expected) and slots / tokens / len(x) < max_fraction < fraction
             by_entropy = bool(expected) and norm is not None and norm < min_entropy
             out.append({"layer": i, "collapsing": (by_load or by_entropy) if expected else None,
@@ -187,10 +250,9 @@ class MoEAnalyzer:
                         "tokens": int(tokens)})
         return out
 
-    def drop_rate(self, mode: str | None = None) -> list[float]:
-        """Per layer: dropped / (dropped + routed slots); 0.0 for a layer with neither."""
-        return [_div(c["dropped"], c["dropped"] + sum(c["expert_tokens"])) or 0.0
-                for c in self.counts(mode)]
+    def drop_rate(self, mode: str | None = None) -> list[float | None]:
+        """Per layer: dropped / (dropped + routed slots); ``None`` for a layer with neither."""
+        return [m["drop_rate"] for m in self.metrics(mode)]
 
     # ----- token level ---------------------------------------------------------------------
     def coactivation(self, layer: int, mode: str | None = None) -> np.ndarray:
@@ -205,10 +267,10 @@ class MoEAnalyzer:
         return out
 
     def paths(self, top: int = 10, mode: str | None = None) -> list[dict[str, Any]]:
-        """The ``top`` most frequent cross-layer paths of top-1 experts (largest weight; ``None``
-        for a token given no expert). Trace rows are matched across layers by (``call``,
-        ``mode``, ``index``); a token counts only when every traced layer has its row. Each:
-        ``path`` (one expert per entry of ``layers``), ``layers``, ``count``, ``share``."""
+        """The ``top`` most frequent cross-layer paths of :func:`top1_expert` (``None`` for a
+        token given no expert). Trace rows are matched across layers by (``call``, ``mode``,
+        ``index``); a token counts only when every traced layer has its row. Each: ``path``
+        (one expert per entry of ``layers``), ``layers``, ``count``, ``share``."""
         self.counts(mode)  # checks mode
         if isinstance(top, bool) or not isinstance(top, int) or top < 0:
             raise InputError("top", f"expected an int >= 0, got {top!r}")
@@ -216,7 +278,7 @@ class MoEAnalyzer:
         layers = sorted({r["layer"] for r in rows})
         groups: dict[tuple[Any, ...], dict[int, int | None]] = {}
         for r in rows:
-            groups.setdefault((r["call"], r["mode"], r["index"]), {})[r["layer"]] = _top1(r)
+            groups.setdefault((r["call"], r["mode"], r["index"]), {})[r["layer"]] = top1_expert(r)
         complete = Counter(tuple(g[i] for i in layers) for g in groups.values()
                            if len(g) == len(layers))
         total = sum(complete.values())
@@ -228,17 +290,13 @@ class MoEAnalyzer:
     def k_distribution(self, by: str = "layer", mode: str | None = None,
                        layer: int | None = None) -> list[dict[str, Any]]:
         """Experts-per-token histograms: ``by="layer"`` from the totals (``{"layer", "counts",
-        "fractions", "mean"}``); ``by="position"`` from trace rows and events with a position
-        (``{"position", "counts", "tokens", "mean"}``, of ``layer`` or all layers)."""
+        "fractions", "mean"}``; ``fractions`` and ``mean`` are ``None`` without tokens);
+        ``by="position"`` from trace rows and events with a position (``{"position", "counts",
+        "tokens", "mean"}``, of ``layer`` or all layers)."""
         if by == "layer":
-            out = []
-            for i, c in enumerate(self.counts(mode)):
-                h = [int(v) for v in c["k_hist"]]
-                n = sum(h)
-                out.append({"layer": i, "counts": h,
-                            "fractions": [v / n if n else 0.0 for v in h],
-                            "mean": _div(sum(k * v for k, v in enumerate(h)), n)})
-            return out
+            return [{"layer": i, "counts": [int(v) for v in c["k_hist"]],
+                     "fractions": shares([int(v) for v in c["k_hist"]]),
+                     "mean": mean_k(c["k_hist"])} for i, c in enumerate(self.counts(mode))]
         if by != "position":
             raise InputError("by", f"expected 'layer' or 'position', got {by!r}")
         if layer is not None:
@@ -248,40 +306,26 @@ class MoEAnalyzer:
         hist: dict[int, list[int]] = {}
         for r in rows:
             hist.setdefault(int(r["position"]), [0] * (K + 1))[len(r["experts"])] += 1
-        return [{"position": p, "counts": h, "tokens": sum(h),
-                 "mean": sum(k * v for k, v in enumerate(h)) / sum(h)}
+        return [{"position": p, "counts": h, "tokens": sum(h), "mean": mean_k(h)}
                 for p, h in sorted(hist.items())]
 
     # ----- summaries -----------------------------------------------------------------------
     def routing_stats(self, mode: str | None = None) -> dict[str, Any]:
-        """Per-layer statistics and an ``overall`` summary, as plain JSON values."""
-        known, layers = self.has_router_stats, []
-        for i, (info, c) in enumerate(zip(self.layers, self.counts(mode))):
-            tokens, calls = int(c["tokens"]), int(c["calls"])
+        """Per-layer statistics (the layer's counts, ``utilization`` (:func:`shares`) and
+        :func:`layer_metrics`) and an ``overall`` summary, as plain JSON values."""
+        layers, known = [], self.has_router_stats
+        for i, (info, c) in enumerate(zip(self.layers, self.counts(mode), strict=True)):
             x = [int(v) for v in c["expert_tokens"]]
-            slots, kh = sum(x), [int(v) for v in c["k_hist"]]
-            entropy = _div(c["entropy_sum"], tokens) if known else None
-            E = len(x)
             layers.append({
-                "layer": i, "name": info.get("name"), "num_experts": E,
-                "max_slots": info.get("max_slots"), "tokens": tokens, "calls": calls,
-                "slots": slots, "expert_tokens": x, "k_histogram": kh,
-                "mean_experts": _div(sum(k * v for k, v in enumerate(kh)), sum(kh)),
-                "mean_entropy": entropy,
-                "normalized_entropy": entropy / math.log(E) if entropy is not None and E > 1
-                else None,
-                "mean_top1": _div(c["top1_sum"], tokens),
-                "mean_z_loss": _div(c["z_loss_sum"], tokens) if known else None,
-                "mean_balance_loss": _div(c["balance_sum"], calls) if known else None,
-                "mean_aux_loss": _div(c["aux_loss_sum"], calls) if known else None,
-                "dropped": int(c["dropped"]),
-                "drop_rate": _div(c["dropped"], c["dropped"] + slots) or 0.0,
-                **load_stats(x),
-                "utilization": [v / slots if slots else 0.0 for v in x]})
+                "layer": i, "name": info.get("name"), "num_experts": len(x),
+                "max_slots": info.get("max_slots"), "tokens": int(c["tokens"]),
+                "calls": int(c["calls"]), "slots": sum(x), "expert_tokens": x,
+                "k_histogram": [int(v) for v in c["k_hist"]], "dropped": int(c["dropped"]),
+                "utilization": shares(x), **layer_metrics(c, known)})
         return {"mode": mode or "all", "layers": layers, "overall": _overall(layers, known)}
 
-    def detect_issues(self, mode: str | None = None, *, dead_threshold: float = 0.05,
-                      min_expected: float = 20.0, max_fraction: float = 0.9,
+    def detect_issues(self, mode: str | None = None, *, dead_threshold: float = DEAD_THRESHOLD,
+                      min_expected: float = MIN_EXPECTED, max_fraction: float = 0.9,
                       min_entropy: float = 0.1, imbalance_warning: float = 2.0,
                       imbalance_error: float = 4.0, drop_warning: float = 0.01,
                       drop_error: float = 0.1) -> list[dict[str, Any]]:
@@ -294,50 +338,12 @@ class MoEAnalyzer:
           in layers judged;
         * ``drops``: drop rate >= ``drop_warning`` (error from ``drop_error``).
         """
-        issues: list[dict[str, Any]] = []
+        from .suggestions import find_issues
 
-        def add(kind: str, layer: int, error: bool, message: str, **evidence: Any) -> None:
-            issues.append({"kind": kind, "layer": layer,
-                           "severity": "error" if error else "warning",
-                           "message": f"layer {layer}: {message}", "evidence": evidence})
-
-        counts = self.counts(mode)
-        dead = self.dead_experts(mode, dead_threshold, min_expected)
-        for i, c in enumerate(counts):
-            mine, E = [d for d in dead if d["layer"] == i], len(c["expert_tokens"])
-            if mine:
-                add("dead_expert", i, 2 * len(mine) >= E,
-                    f"{len(mine)} of {E} experts get < {dead_threshold:g} of the uniform share "
-                    f"(experts {', '.join(str(d['expert']) for d in mine)})",
-                    experts=[d["expert"] for d in mine], tokens=[d["tokens"] for d in mine],
-                    shares=[d["share"] for d in mine], num_experts=E,
-                    layer_slots=mine[0]["layer_slots"], threshold=dead_threshold,
-                    threshold_share=dead_threshold / E, min_expected=min_expected)
-        for col in self.collapse(mode, max_fraction, min_entropy, min_expected):
-            why = [f"expert {col['top_expert']} gets {col['max_token_fraction']:.1%} of the "
-                   f"tokens"] if col["by_load"] else []
-            if col["by_entropy"]:
-                why.append(f"normalised router entropy {col['normalized_entropy']:.3f}")
-            if col["collapsing"]:  # an error when one expert takes the tokens, else a warning
-                add("collapse", col["layer"], col["by_load"], "routing collapse: "
-                    + "; ".join(why), **{k: v for k, v in col.items() if k != "layer"})
-        for row in self.balance(mode):
-            i, ratio = row["layer"], row["max_over_mean"]
-            if self._judged(counts[i], min_expected)[1] and ratio is not None \
-                    and ratio >= imbalance_warning:
-                add("imbalance", i, ratio >= imbalance_error,
-                    f"the busiest expert gets {ratio:.2f}x the mean load",
-                    **{k: v for k, v in row.items() if k != "layer"},
-                    warning_threshold=imbalance_warning, error_threshold=imbalance_error)
-        for i, rate in enumerate(self.drop_rate(mode)):
-            if rate >= drop_warning:
-                add("drops", i, rate >= drop_error,
-                    f"{rate:.2%} of routing slots were dropped by the capacity limit",
-                    drop_rate=rate, dropped=int(counts[i]["dropped"]),
-                    routed_slots=int(sum(counts[i]["expert_tokens"])),
-                    warning_threshold=drop_warning, error_threshold=drop_error)
-        issues.sort(key=lambda d: (d["layer"], ISSUE_KINDS.index(d["kind"])))
-        return issues
+        return find_issues(self, mode, dead_threshold=dead_threshold, min_expected=min_expected,
+                           max_fraction=max_fraction, min_entropy=min_entropy,
+                           imbalance_warning=imbalance_warning, imbalance_error=imbalance_error,
+                           drop_warning=drop_warning, drop_error=drop_error)
 
     def generate_optimization_suggestions(self, mode: str | None = None, *,
                                           near_max: float = 0.9, z_loss_limit: float = 100.0,
@@ -346,28 +352,32 @@ class MoEAnalyzer:
         and by the means of :meth:`routing_stats`: mean experts/token >= ``near_max`` x
         ``max_experts`` in a dynamic layer, mean z-loss > ``z_loss_limit``. Each
         ``{"suggestion", "reason", "evidence"}``; layers with the same suggestion are merged
-        (``evidence["layers"]`` and one ``evidence["per_layer"]`` entry each)."""
-        return _suggest(self.layers, self.routing_stats(mode)["layers"],
-                        self.detect_issues(mode, **thresholds), near_max, z_loss_limit)
+        (``evidence["layers"]`` and one ``evidence["per_layer"]`` entry each). See
+        :mod:`moe_router.debug.suggestions`."""
+        from .suggestions import suggest
+
+        return suggest(self.layers, self.routing_stats(mode)["layers"],
+                       self.detect_issues(mode, **thresholds), near_max, z_loss_limit)
 
     def analyze_expert_utilization(self, events: Iterable[Mapping[str, Any]],
-                                   num_experts: int | None = None, *, threshold: float = 0.05,
-                                   min_expected: float = 20.0) -> dict[str, Any]:
+                                   num_experts: int | None = None, *,
+                                   threshold: float = DEAD_THRESHOLD,
+                                   min_expected: float = MIN_EXPECTED) -> dict[str, Any]:
         """Utilisation of manual events (the older debugger's API): ``total_events``,
-        ``expert_utilization`` (shares of all layers' slots per expert id), ``layers`` (tokens,
-        expert_tokens, utilization, balance numbers, mean experts and confidence, dead experts
-        per layer) and ``dead_experts``. Does not change this analyzer's session."""
+        ``expert_utilization`` (shares of all layers' slots per expert id; ``None`` without
+        slots), ``layers`` (tokens, expert_tokens, utilization, balance numbers, mean experts and
+        confidence, the ids of the dead experts) and ``dead_experts`` (:meth:`dead_experts`).
+        Does not change this analyzer's session."""
         other = MoEAnalyzer(session_from_events(events, num_experts=num_experts))
         stats = other.routing_stats()["layers"]
         dead = other.dead_experts(threshold=threshold, min_expected=min_expected)
-        width = max((s["num_experts"] for s in stats), default=0)
-        pooled = np.zeros(width)
+        pooled = [0] * max((s["num_experts"] for s in stats), default=0)
         for s in stats:
-            pooled[: s["num_experts"]] += s["expert_tokens"]
+            pooled[: s["num_experts"]] = [a + b for a, b in zip(pooled, s["expert_tokens"])]
         keys = ("layer", "num_experts", "tokens", "expert_tokens", "utilization",
                 "max_over_mean", "cv", "jain", "mean_experts")
         return {"total_events": len(other._data()["events"]),
-                "expert_utilization": (pooled / pooled.sum() if pooled.sum() else pooled).tolist(),
+                "expert_utilization": shares(pooled),
                 "layers": [{**{k: s[k] for k in keys}, "mean_confidence": s["mean_top1"],
                             "dead_experts": [d["expert"] for d in dead if d["layer"] == s["layer"]]}
                            for s in stats],
@@ -375,91 +385,18 @@ class MoEAnalyzer:
 
 
 def _overall(layers: list[dict[str, Any]], known: bool) -> dict[str, Any]:
+    """Token-weighted means and extremes over the rows of :meth:`MoEAnalyzer.routing_stats`."""
     tokens = sum(s["tokens"] for s in layers)
     slots, dropped = sum(s["slots"] for s in layers), sum(s["dropped"] for s in layers)
-    k_tokens = sum(sum(s["k_histogram"]) for s in layers)
     ratios = [s["max_over_mean"] for s in layers if s["max_over_mean"] is not None]
     jains = [s["jain"] for s in layers if s["jain"] is not None]
     entropy = sum(s["mean_entropy"] * s["tokens"] for s in layers if s["mean_entropy"] is not None)
     return {"layers": len(layers), "tokens": tokens, "calls": sum(s["calls"] for s in layers),
-            "slots": slots, "dropped": dropped, "drop_rate": _div(dropped, dropped + slots) or 0.0,
-            "mean_experts": _div(sum(k * v for s in layers for k, v in enumerate(s["k_histogram"])),
-                                 k_tokens),
+            "slots": slots, "dropped": dropped, "drop_rate": _div(dropped, dropped + slots),
+            "mean_experts": _div(sum(s["mean_experts"] * sum(s["k_histogram"]) for s in layers
+                                     if s["mean_experts"] is not None),
+                                 sum(sum(s["k_histogram"]) for s in layers)),
             "mean_entropy": _div(entropy, tokens) if known else None,
             "mean_top1": _div(sum((s["mean_top1"] or 0.0) * s["tokens"] for s in layers), tokens),
             "worst_max_over_mean": max(ratios, default=None),
             "mean_jain": _div(sum(jains), len(jains)), "min_jain": min(jains, default=None)}
-
-
-def _router(layer: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The layer's router config dict (``{}`` when unknown)."""
-    config = layer.get("config") or {}
-    return config.get("router") or config
-
-
-def _suggest(layers: list[dict[str, Any]], stats: list[dict[str, Any]],
-             issues: list[dict[str, Any]], near_max: float,
-             z_loss_limit: float) -> list[dict[str, Any]]:
-    found: dict[str, dict[str, Any]] = {}
-
-    def add(text: str, reason: str, layer: int, **evidence: Any) -> None:
-        entry = found.setdefault(text, {"suggestion": text, "reason": reason,
-                                        "evidence": {"layers": [], "per_layer": []}})
-        if layer not in entry["evidence"]["layers"]:
-            entry["evidence"]["layers"].append(layer)
-        entry["evidence"]["per_layer"].append({"layer": layer, **evidence})
-
-    for issue in issues:
-        i, kind, why, ev = issue["layer"], issue["kind"], issue["message"], issue["evidence"]
-        rc = _router(layers[i])
-        if kind in ("dead_expert", "collapse", "imbalance"):
-            coef = rc.get("aux_loss_coef")
-            add("raise the load-balancing loss coefficient (router.aux_loss_coef)" if coef is None
-                else f"raise router.aux_loss_coef from {coef:g} to {2 * coef:g} or more"
-                if coef > 0 else "set router.aux_loss_coef > 0 (e.g. 0.01)", why, i,
-                kind=kind, **ev)
-            rate = rc.get("bias_update_rate")
-            add(f"raise router.bias_update_rate from {rate:g} to {2 * rate:g}"
-                if rc.get("use_expert_bias") and rate else
-                "enable aux-loss-free balancing (router.use_expert_bias=True)", why, i,
-                kind=kind, **ev)
-        if kind == "collapse" and rc.get("noise", "none") == "none":
-            add("add router noise in training (router.noise='jitter')", why, i, **ev)
-        if kind == "drops":
-            cf = rc.get("capacity_factor")
-            add(f"raise router.capacity_factor from {cf:g} to {1.25 * cf:g} or more, or set it "
-                f"to None (dropless)" if cf else
-                "raise router.capacity_factor, or set it to None (dropless)", why, i, **ev)
-    knobs = {"top_p": "top_p", "threshold": "threshold", "complexity": "target_experts"}
-    for s in stats:
-        i, info = s["layer"], layers[s["layer"]]
-        rc, strategy = _router(info), info.get("strategy")
-        lo, hi = info.get("min_experts") or 0, info.get("max_experts") or info.get("max_slots")
-        mean, knob = s["mean_experts"], knobs.get(strategy or "")
-        if _dynamic(strategy) and None not in (hi, mean) and hi > lo and mean >= near_max * hi:
-            value = rc.get(knob) if knob else None
-            add(f"lower router.{knob} from {value:g} (or raise router.max_experts)"
-                if value is not None else f"route fewer experts per token with strategy "
-                f"{strategy!r} (or raise router.max_experts)",
-                f"layer {i}: mean experts per token {mean:.2f} >= {near_max:g} x "
-                f"max_experts={hi}", i, mean_experts=mean, min_experts=lo, max_experts=hi,
-                near_max=near_max, k_histogram=s["k_histogram"])
-        z = s["mean_z_loss"]
-        if z is not None and z > z_loss_limit:
-            coef = rc.get("z_loss_coef")
-            add(f"raise router.z_loss_coef from {coef:g} to {10 * coef:g}" if coef else
-                "set router.z_loss_coef > 0 (e.g. 1e-3) to keep router logits small",
-                f"layer {i}: mean z-loss {z:.3g} > {z_loss_limit:g}", i, mean_z_loss=z,
-                z_loss_limit=z_loss_limit)
-    return list(found.values())
-
-
-def _dynamic(strategy: str | None) -> bool:
-    """Whether a registered strategy gives tokens a varying number of experts."""
-    from ..errors import MoERouterError
-    from ..registry import default_registry
-
-    try:
-        return strategy is not None and default_registry().strategy_spec(strategy).dynamic
-    except MoERouterError:
-        return False

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -26,6 +27,7 @@ from ..errors import InputError, InputTypeError
 from ..layer.observers import TraceConfig
 from . import digest as digests
 from .counters import FIELDS, MODES
+from .readout import delta_counts, trace_rows
 from .session import FORMAT, add_counts, empty_counts
 
 STATS = "routing_stats"
@@ -34,7 +36,6 @@ STATS_PREFIX = f"observers.{STATS}."
 TRACE_PREFIX = f"observers.{TRACE}."
 #: what :meth:`MoEDebugger.register_callback` accepts
 CALLBACK_EVENTS = ("session_start", "session_end", "step", "issue", "event")
-_WRAP = 2 ** 32
 
 
 @dataclasses.dataclass
@@ -89,6 +90,7 @@ class MoEDebugger:
         self._callbacks: dict[str, list[Callable[..., Any]]] = {e: [] for e in CALLBACK_EVENTS}
         self._steps: deque[dict[str, Any]] = deque(maxlen=keep_steps)
         self.attached = False
+        self._lock = threading.RLock()  # the metrics server reads from its own thread
         self._clear("session", None)
 
     # ----- attaching ------------------------------------------------------------------------
@@ -179,12 +181,16 @@ class MoEDebugger:
         """Read every layer's counters (one host read per layer) into the session totals."""
         if self.model is None or not self.attached:
             return
+        with self._lock:
+            self._sync()
+
+    def _sync(self) -> None:
         for entry in self._layers:
             state = entry.layer.export_state()
             now = {f: np.asarray(state[STATS_PREFIX + f]) for f in FIELDS}
             last = entry.last or {f: np.zeros_like(v) for f, v in now.items()}
             for row, mode in enumerate(MODES):
-                delta = _delta_counts(now, last, row)
+                delta = delta_counts(now, last, row)
                 if delta["calls"]:
                     self._pending_modes.add(mode)
                 self._totals[mode][entry.index] = add_counts(self._totals[mode][entry.index],
@@ -196,6 +202,10 @@ class MoEDebugger:
         """Close one step: read the counters and record what each layer added since the last
         step (the windows of balancedness over steps). Call it once per training step (the
         Keras callback does). Returns the step record."""
+        with self._lock:
+            return self._step()
+
+    def _step(self) -> dict[str, Any]:
         self.sync()
         modes = self._pending_modes
         record = {"step": self._step_count,
@@ -220,7 +230,7 @@ class MoEDebugger:
             if entry.layer.config.trace is None:
                 continue
             state = entry.layer.export_state()
-            rows.extend(_trace_rows(entry.index, {k[len(TRACE_PREFIX):]: np.asarray(v)
+            rows.extend(trace_rows(entry.index, {k[len(TRACE_PREFIX):]: np.asarray(v)
                                                   for k, v in state.items()
                                                   if k.startswith(TRACE_PREFIX)}))
         return rows
@@ -236,7 +246,12 @@ class MoEDebugger:
     # ----- the session record ---------------------------------------------------------------
     def to_session(self) -> dict[str, Any]:
         """The current session record (:mod:`moe_router.debug.session`), counters read now; the
-        finished record after :meth:`end_session`."""
+        finished record after :meth:`end_session`. Safe to call from another thread (the
+        metrics server's)."""
+        with self._lock:
+            return self._to_session()
+
+    def _to_session(self) -> dict[str, Any]:
         if self._started_at is None and self._record is not None:
             return self._record
         self.sync()
@@ -250,8 +265,8 @@ class MoEDebugger:
             "format": FORMAT, "name": self._name, "framework": self.framework,
             "started_at": None if self._started_at is None else _iso(self._started_at),
             "ended_at": None if self._ended_at is None else _iso(self._ended_at),
-            "digest": digests.digest(digests.config_hash(configs or [l["num_experts"]
-                                                                     for l in layers]),
+            "digest": digests.digest(digests.config_hash(configs or [layer["num_experts"]
+                                                                     for layer in layers]),
                                      weights, self._inputs.hexdigest()),
             "layers": layers,
             "totals": {mode: [dict(c) for c in self._totals[mode]] for mode in MODES},
@@ -285,8 +300,9 @@ class MoEDebugger:
         return self.analyzer().routing_stats(mode=_mode(mode))
 
     def get_expert_utilization(self, mode: str | None = None) -> np.ndarray:
-        """``(layers, experts)`` float64, each layer's row sums to 1 (all calls of the session
-        by default; ``mode="train"`` or ``"eval"`` selects one kind)."""
+        """``(layers, experts)`` float64, each layer's row sums to 1, NaN for a layer without
+        tokens (all calls of the session by default; ``mode="train"`` or ``"eval"`` selects one
+        kind)."""
         return self.analyzer().utilization(mode=_mode(mode))
 
     def detect_issues(self, **thresholds: Any) -> list[dict[str, Any]]:
@@ -304,6 +320,15 @@ class MoEDebugger:
         record = self.to_session()
         write_json(record, path)
         return record
+
+    def serve_metrics(self, port: int = 0, addr: str = "127.0.0.1",
+                      per_expert: bool = False) -> Any:
+        """Serve this debugger's statistics at ``http://addr:port/metrics`` for Prometheus
+        (:func:`moe_router.debug.prometheus.serve_metrics`; each scrape reads the counters).
+        Returns the server (``.port``, ``.url``, ``.close()``)."""
+        from .prometheus import serve_metrics
+
+        return serve_metrics(self.to_session, port=port, addr=addr, per_expert=per_expert)
 
     def register_callback(self, event: str, fn: Callable[..., Any]) -> None:
         """Call ``fn(payload)`` on ``event``: ``session_start`` (name), ``session_end``
@@ -424,7 +449,7 @@ class MoEDebugger:
         return [e.name for e in self._layers]
 
 
-# ----- helpers -------------------------------------------------------------------------------------
+# ----- helpers ---------------------------------------------------------------------------------
 def _trace_config(trace: Any) -> TraceConfig | None:
     if trace is None or trace is False:
         return None
@@ -444,41 +469,6 @@ def _mode(mode: str | None) -> str | None:
     return mode
 
 
-def _delta_counts(now: Mapping[str, np.ndarray], last: Mapping[str, np.ndarray],
-                  row: int) -> dict[str, Any]:
-    """LAYER_COUNTS added to ``row`` since ``last``: int32 counters as differences modulo 2**32
-    (exact across wrap-around), float sums as plain differences."""
-    out: dict[str, Any] = {}
-    for field, value in now.items():
-        new, old = value[row], last[field][row]
-        if value.dtype.kind == "i":
-            diff = (new.astype(np.int64) - old.astype(np.int64)) % _WRAP
-            out[field] = diff.tolist() if diff.ndim else int(diff)
-        else:
-            out[field] = float(new) - float(old)
-    return out
-
-
-def _trace_rows(layer: int, fields: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-    written = int(fields["written"][0])
-    capacity = fields["index"].shape[0] - 1
-    start = written % capacity if written > capacity else 0
-    order = [(start + i) % capacity for i in range(min(written, capacity))]
-    rows = []
-    for i in order:
-        if fields["index"][i] < 0:
-            continue
-        used = fields["experts"][i] >= 0
-        token = int(fields["token"][i])
-        rows.append({"layer": layer, "call": int(fields["call"][i]),
-                     "mode": MODES[int(fields["mode"][i])], "index": int(fields["index"][i]),
-                     "position": int(fields["position"][i]),
-                     "token_id": None if token < 0 else token,
-                     "experts": fields["experts"][i][used].tolist(),
-                     "weights": [float(w) for w in fields["weights"][i][used]]})
-    return rows
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -490,4 +480,4 @@ def _jsonable(value: Any) -> Any:
 
 
 def _iso(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat()
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat()

@@ -1,18 +1,18 @@
-"""Session sources and files: JSON (the whole record) and CSV (per-expert rows for
-spreadsheets)."""
+"""Session sources and files: loading and validating a session record (the one place that does),
+JSON (the whole record) and CSV (per-expert rows for spreadsheets)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, InputTypeError
 from .events import session_from_events
-from .session import FORMAT, MODES
+from .session import FLOAT_FIELDS, FORMAT, INT_FIELDS, MODES
 
 PathLike = str | os.PathLike[str]
 
@@ -23,13 +23,16 @@ CSV_COLUMNS = ("layer", "layer_name", "mode", "expert", "tokens", "share",
 
 
 def validate_session(session: Any, argument: str = "session") -> dict[str, Any]:
-    """A shallow copy of ``session`` once it looks like a session record: its ``format``,
-    a ``layers`` list and ``totals`` with one LAYER_COUNTS per layer (or none) for each mode.
+    """A shallow copy of ``session`` once it is a session record: its ``format``; a ``layers``
+    list of dicts with the int fields ``index``, ``num_experts`` and ``max_slots``; ``totals``
+    with one LAYER_COUNTS (every field, lists where lists) per layer, or none, for each mode;
+    ``steps`` / ``trace`` / ``events`` lists of dicts (``[]`` in the copy when absent), each step
+    with a ``step`` and a LAYER_COUNTS per layer in ``layers`` (fewer when the step was taken
+    before a layer existed, as in a debugger's manual path).
 
     Raises:
         InputTypeError: not a dict.
-        InputError: a missing or unsupported ``format``, or ``layers`` / ``totals`` that do not
-            match.
+        InputError: anything else above, naming ``argument`` and where in it.
     """
     if not isinstance(session, Mapping):
         raise InputTypeError(argument, f"expected a session record (a dict with format "
@@ -50,7 +53,37 @@ def validate_session(session: Any, argument: str = "session") -> dict[str, Any]:
         raise InputError(f"{argument}['totals']",
                          f"expected {{'train': [...], 'eval': [...]}} with one LAYER_COUNTS per "
                          f"layer ({len(layers)}) or none")
-    return dict(session)
+    session = dict(session)
+    for i, layer in enumerate(layers):
+        bad = [k for k in ("index", "num_experts", "max_slots")
+               if not isinstance(layer, Mapping) or not isinstance(layer.get(k), int)]
+        if bad:
+            raise InputError(f"{argument}['layers'][{i}]", f"needs the int fields {bad}")
+    for mode in MODES:
+        _check_counts(totals.get(mode) or [], f"{argument}['totals'][{mode!r}]")
+    for key in ("steps", "trace", "events"):
+        session[key] = list(session.get(key) or [])
+        if not all(isinstance(x, Mapping) for x in session[key]):
+            raise InputError(f"{argument}[{key!r}]", "expected a list of dicts")
+    for n, entry in enumerate(session["steps"]):
+        rows = entry.get("layers")
+        if not isinstance(rows, list) or len(rows) > len(layers) or "step" not in entry:
+            raise InputError(f"{argument}['steps'][{n}]", f"needs 'step' and at most one "
+                                                          f"LAYER_COUNTS per layer "
+                                                          f"({len(layers)}) in 'layers'")
+        _check_counts(rows, f"{argument}['steps'][{n}]['layers']")
+    return session
+
+
+def _check_counts(rows: Sequence[Any], where: str) -> None:
+    """``InputError`` unless each row is a LAYER_COUNTS dict (all fields, lists where lists)."""
+    fields = (*INT_FIELDS, *FLOAT_FIELDS, "expert_tokens", "k_hist")
+    for i, counts in enumerate(rows):
+        if not isinstance(counts, Mapping) or any(f not in counts for f in fields) \
+                or not isinstance(counts["expert_tokens"], list) \
+                or not isinstance(counts["k_hist"], list):
+            raise InputError(f"{where}[{i}]", f"expected a LAYER_COUNTS dict with the fields "
+                                              f"{', '.join(fields)}")
 
 
 def load_session(source: Any, argument: str = "source") -> dict[str, Any]:
@@ -67,7 +100,7 @@ def load_session(source: Any, argument: str = "source") -> dict[str, Any]:
     if isinstance(source, Mapping):
         return validate_session(source, argument)
     if isinstance(source, (str, os.PathLike)):
-        return read_json(source)
+        return read_json(source, argument)
     if isinstance(source, Iterable) and not isinstance(source, bytes):
         return session_from_events(source)
     raise InputTypeError(argument, f"expected a debugger (with to_session()), a session dict, a "
@@ -85,17 +118,19 @@ def write_json(session: Any, path: PathLike) -> Path:
     return path
 
 
-def read_json(path: PathLike) -> dict[str, Any]:
-    """Read a session record written by :func:`write_json` (format checked).
+def read_json(path: PathLike, argument: str = "path") -> dict[str, Any]:
+    """Read a session record written by :func:`write_json` (checked by :func:`validate_session`;
+    errors name ``argument``).
 
     Raises:
-        InputError: the file is not JSON or not a session record.
+        OSError: the file cannot be read.
+        InputError / InputTypeError: the file is not JSON or not a session record.
     """
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise InputError("path", f"{os.fspath(path)!r} is not JSON: {err}") from None
-    return validate_session(data, argument="path")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(argument, f"{os.fspath(path)!r} is not a JSON file ({err})") from None
+    return validate_session(data, argument)
 
 
 def _cell(value: Any) -> Any:
@@ -107,8 +142,8 @@ def _cell(value: Any) -> Any:
 def write_csv(session: Any, path: PathLike) -> Path:
     """Write one row per layer x mode (``train``, ``eval``) x expert: the expert's ``tokens``
     (routing slots) and ``share`` of the layer's slots, then layer-level columns of that mode
-    (see :data:`CSV_COLUMNS`; from :meth:`MoEAnalyzer.routing_stats`; empty when unknown).
-    Returns the path."""
+    (see :data:`CSV_COLUMNS`; from :meth:`MoEAnalyzer.routing_stats`; empty cells for undefined
+    numbers, e.g. the shares of a layer that got no slot). Returns the path."""
     from .analyzer import MoEAnalyzer  # the analyzer imports this module
 
     analyzer = MoEAnalyzer(load_session(session, "session"))
@@ -122,8 +157,8 @@ def write_csv(session: Any, path: PathLike) -> Path:
                                stats["drop_rate"], stats["mean_experts"], stats["mean_entropy"],
                                stats["mean_top1"], stats["max_over_mean"], stats["cv"],
                                stats["jain"]]
-                for expert, (tokens, share) in enumerate(zip(stats["expert_tokens"],
-                                                             stats["utilization"])):
+                shares = stats["utilization"] or [None] * len(stats["expert_tokens"])
+                for expert, (tokens, share) in enumerate(zip(stats["expert_tokens"], shares)):
                     writer.writerow([_cell(v) for v in (
                         stats["layer"], stats["name"], mode, expert, tokens, share,
                         *layer_cells)])

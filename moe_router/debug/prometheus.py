@@ -9,7 +9,10 @@ rules (prefix ``moe_router_``, base units, ``_total`` counters):
 - gauges ``moe_router_load_max_over_mean_ratio``, ``moe_router_experts_per_token``,
   ``moe_router_router_entropy_nats``, ``moe_router_dropped_slots_ratio``,
   ``moe_router_dead_experts`` and ``moe_router_experts`` labelled ``{layer}`` over train + eval
-  totals (a ratio gauge is absent while its layer has seen no tokens);
+  totals, from :meth:`MoEAnalyzer.routing_stats
+  <moe_router.debug.analyzer.MoEAnalyzer.routing_stats>` (a gauge is absent while its value is
+  undefined, ``None`` there: e.g. the ratios of a layer that has seen no tokens, the dead experts
+  of a layer too small to judge);
 - info ``moe_router_layer_info{layer, name, strategy}`` and
   ``moe_router_session_info{name, framework, digest}``;
 - with ``per_expert=True``: ``moe_router_expert_tokens_total{layer, expert, mode}``.
@@ -23,7 +26,8 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from .export import as_session, layer_metrics, layer_totals, router_stats_known
+from .analyzer import DEAD_THRESHOLD, MIN_EXPECTED, MoEAnalyzer
+from .files import load_session
 from .session import MODES
 
 __all__ = ["MetricsServer", "MoERouterCollector", "serve_metrics"]
@@ -38,14 +42,15 @@ COUNTERS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], float]], ...] = (
     ("dropped_slots", "Routing slots removed by the capacity limit per layer and mode.",
      lambda c: c["dropped"]),
 )
-#: gauges: (name, help, key of :func:`~moe_router.debug.export.layer_metrics`)
+#: gauges: (name, help, key of :func:`~moe_router.debug.analyzer.layer_metrics`)
 GAUGES = (
     ("load_max_over_mean_ratio", "Max over mean routed slots per expert (1 = balanced).",
-     "max_over_mean_load"),
+     "max_over_mean"),
     ("experts_per_token", "Mean number of experts per token.", "mean_experts"),
-    ("router_entropy_nats", "Mean router entropy per token, in nats.", "router_entropy"),
+    ("router_entropy_nats", "Mean router entropy per token, in nats.", "mean_entropy"),
     ("dropped_slots_ratio", "Dropped over routed + dropped slots.", "drop_rate"),
-    ("dead_experts", "Experts that received no routing slot.", "dead_experts"),
+    ("dead_experts", f"Experts below {DEAD_THRESHOLD:.0%} of the uniform share of the slots "
+                     f"(judged from {MIN_EXPECTED:g} expected slots per expert).", "dead_experts"),
 )
 
 
@@ -94,10 +99,12 @@ class MoERouterCollector:
 
     def collect(self) -> Iterator[Any]:
         """The metric families of the current session."""
-        s = as_session(self.source if isinstance(self.source, Mapping) else self.source())
+        s = load_session(self.source if isinstance(self.source, Mapping) else self.source(),
+                         "session")
+        analyzer = MoEAnalyzer(s)
         fams = _families(self.per_expert)
-        per_mode = {mode: layer_totals(s, mode) for mode in MODES}
-        combined = layer_totals(s)
+        per_mode = {mode: analyzer.counts(mode) for mode in MODES}
+        stats = analyzer.routing_stats()["layers"]
         for i, layer in enumerate(s["layers"]):
             index = str(layer["index"])
             for mode in MODES:
@@ -107,10 +114,9 @@ class MoERouterCollector:
                 if self.per_expert:
                     for e, n in enumerate(counts["expert_tokens"]):
                         fams["expert_tokens"].add_metric([index, str(e), mode], float(n))
-            metrics = layer_metrics(combined[i], router_stats_known(s))
             for name, _, key in GAUGES:
-                if metrics[key] is not None:
-                    fams[name].add_metric([index], metrics[key])
+                if stats[i][key] is not None:
+                    fams[name].add_metric([index], float(stats[i][key]))
             fams["experts"].add_metric([index], float(layer["num_experts"]))
             fams["layer"].add_metric([index], {"name": str(layer.get("name") or ""),
                                                "strategy": str(layer.get("strategy") or "")})

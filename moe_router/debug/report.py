@@ -6,6 +6,8 @@ load) over steps, the k (experts per token) histograms, the issues found by
 :meth:`MoEAnalyzer.detect_issues <moe_router.debug.analyzer.MoEAnalyzer.detect_issues>` and a
 token view of the trace (each sampled token a box coloured by its top-1 expert). Plots are drawn
 with matplotlib's Agg canvas and embedded as base64 PNG; every text from the session is escaped.
+Every number shown comes from :class:`~moe_router.debug.analyzer.MoEAnalyzer`; undefined ones
+(``None`` there, NaN in its arrays) are shown as ``-``, grey heatmap cells or gaps in a plot.
 """
 
 from __future__ import annotations
@@ -20,17 +22,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from ..errors import InputError
-from .export import (
-    as_session,
-    digest_lines,
-    layer_label,
-    layer_metrics,
-    layer_totals,
-    router_stats_known,
-    to_json,
-    utilization,
-)
+from .analyzer import MoEAnalyzer, top1_expert
+from .files import load_session, read_json
 
 __all__ = ["MAX_TOKENS", "read_session", "render_report", "write_report"]
 
@@ -53,18 +46,14 @@ color:#000;min-width:14px;text-align:center}.tok.none{background:#fff;border:1px
 
 
 def read_session(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a session record from a JSON file.
+    """Load a session record from a JSON file (:func:`~moe_router.debug.files.read_json`, errors
+    naming the path).
 
     Raises:
         OSError: the file cannot be read.
         InputError / InputTypeError: it is not JSON or not a session record (clear message).
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(os.fspath(path), f"is not a JSON file ({err})") from None
-    return as_session(data, argument=os.fspath(path))
+    return read_json(path, argument=os.fspath(path))
 
 
 def _e(value: Any) -> str:
@@ -73,6 +62,12 @@ def _e(value: Any) -> str:
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
+
+
+def _label(layer: Mapping[str, Any]) -> str:
+    """``"<index>: <name>"`` (just the index when the layer has no name)."""
+    name = layer.get("name")
+    return f"{layer['index']}: {name}" if name else str(layer["index"])
 
 
 def _plain(text: str, width: int = 40) -> str:
@@ -96,17 +91,16 @@ def _img(png: tuple[str, int, int], alt: str, ident: str) -> str:
             f'src="data:image/png;base64,{data}">')
 
 
-def _heatmap(session: Mapping[str, Any]) -> tuple[str, int, int]:
+def _heatmap(analyzer: MoEAnalyzer) -> tuple[str, int, int]:
     import numpy as np
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    layers = session["layers"]
-    n_e = max([1, *(len(c["expert_tokens"]) for c in layer_totals(session))])
-    data = np.full((max(len(layers), 1), n_e), np.nan)
-    for i, row in enumerate(utilization(session)):
-        if row is not None:
-            data[i, : len(row)] = row
+    layers, util = analyzer.layers, analyzer.utilization()
+    n_e = max(1, util.shape[1])
+    data = np.full((max(len(layers), 1), n_e), np.nan)  # grey: no slots, or no such expert
+    for i, c in enumerate(analyzer.counts()):
+        data[i, : len(c["expert_tokens"])] = util[i, : len(c["expert_tokens"])]
     fig = Figure(figsize=(min(14.0, max(6.0, 3 + 0.45 * n_e)),
                           min(16.0, max(2.6, 1.3 + 0.42 * len(layers)))), dpi=100)
     ax = fig.add_subplot()
@@ -114,7 +108,7 @@ def _heatmap(session: Mapping[str, Any]) -> tuple[str, int, int]:
     top = float(np.nanmax(data)) if np.isfinite(data).any() else 1.0
     im = ax.imshow(data, aspect="auto", cmap=cmap, vmin=0.0, vmax=max(top, 1e-9),
                    interpolation="nearest")
-    ax.set_yticks(range(len(layers)), [_plain(layer_label(x)) for x in layers], fontsize=8)
+    ax.set_yticks(range(len(layers)), [_plain(_label(x)) for x in layers], fontsize=8)
     if n_e <= 32:
         ax.set_xticks(range(n_e))
     ax.set_xlabel("expert")
@@ -130,27 +124,26 @@ def _heatmap(session: Mapping[str, Any]) -> tuple[str, int, int]:
     return _png(fig)
 
 
-def _balance(session: Mapping[str, Any]) -> tuple[str, int, int]:
+def _balance(analyzer: MoEAnalyzer, steps: Sequence[Mapping[str, Any]]) -> tuple[str, int, int]:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    layers, steps = session["layers"], session["steps"]
+    layers = analyzer.layers
     fig = Figure(figsize=(10, 3.6), dpi=100)
     ax = fig.add_subplot()
     if steps:
         xs = [int(e["step"]) for e in steps]
+        ratios = analyzer.balance_over_steps()  # (S, L), NaN: a gap
         for i, layer in enumerate(layers):
-            ys = [layer_metrics(e["layers"][i])["max_over_mean_load"] for e in steps]
-            ax.plot(xs, [math.nan if y is None else y for y in ys], marker=".",
-                    label=_plain(layer_label(layer), 24))
+            ax.plot(xs, ratios[:, i], marker=".", label=_plain(_label(layer), 24))
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title("Balancedness over steps: max / mean routed slots per expert", fontsize=10)
         if len(layers) <= 10:
             ax.legend(fontsize=7, loc="upper right")
     else:
-        ys = [layer_metrics(c)["max_over_mean_load"] for c in layer_totals(session)]
-        ax.bar(range(len(layers)), [0.0 if y is None else y for y in ys], color="#4c72b0")
+        ys = [row["max_over_mean"] for row in analyzer.balance()]
+        ax.bar(range(len(layers)), [math.nan if y is None else y for y in ys], color="#4c72b0")
         ax.set_xticks(range(len(layers)), [str(x["index"]) for x in layers])
         ax.set_xlabel("layer")
         ax.set_title("Balancedness of the totals (no steps recorded): max / mean load",
@@ -161,15 +154,13 @@ def _balance(session: Mapping[str, Any]) -> tuple[str, int, int]:
     return _png(fig)
 
 
-def _k_hists(session: Mapping[str, Any]) -> tuple[str, int, int]:
+def _k_hists(analyzer: MoEAnalyzer) -> tuple[str, int, int]:
     import numpy as np
     from matplotlib.figure import Figure
 
-    layers, totals = session["layers"], layer_totals(session)
-    fracs = []
-    for c in totals:
-        h = np.asarray(c["k_hist"], dtype=float)
-        fracs.append(h / h.sum() if h.sum() else h)
+    layers = analyzer.layers
+    fracs = [np.asarray(d["fractions"] or [0.0] * len(d["counts"]))  # None: no tokens
+             for d in analyzer.k_distribution()]
     if len(layers) > 16:
         n_k = max(len(f) for f in fracs)
         data = np.zeros((len(layers), n_k))
@@ -189,7 +180,7 @@ def _k_hists(session: Mapping[str, Any]) -> tuple[str, int, int]:
             ax.bar(range(len(f)), f, color="#55a868")
             ax.set_xticks(range(len(f)))
             ax.set_ylim(0, 1)
-            ax.set_title(_plain(layer_label(layer), 30), fontsize=8)
+            ax.set_title(_plain(_label(layer), 30), fontsize=8)
             ax.set_xlabel("k", fontsize=8)
     fig.suptitle("Experts per token: share of tokens with k experts (train + eval)", fontsize=10)
     fig.tight_layout()
@@ -197,39 +188,44 @@ def _k_hists(session: Mapping[str, Any]) -> tuple[str, int, int]:
 
 
 # ----- HTML sections -------------------------------------------------------------------------
+def _digest_lines(session: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The reproducibility digest as ``(label, value)`` pairs (``-`` for missing values)."""
+    digest = session.get("digest") or {}
+    versions = digest.get("versions") or {}
+    pairs = [("digest id", digest.get("id")), ("config sha256", digest.get("config")),
+             ("weights sha256", digest.get("weights")), ("inputs sha256", digest.get("inputs"))]
+    out = [(label, "-" if value is None else str(value)) for label, value in pairs]
+    out.append(("versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) or "-"))
+    return out
+
+
 def _digest(session: Mapping[str, Any]) -> str:
-    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in digest_lines(session))
+    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in _digest_lines(session))
     meta = (f"framework {_e(session.get('framework') or 'manual events')} \u00b7 started "
             f"{_e(session.get('started_at') or '-')} \u00b7 ended "
             f"{_e(session.get('ended_at') or '-')}")
     return f'<div class="digest" id="digest"><table>{rows}</table>{meta}</div>'
 
 
-def _layers_table(session: Mapping[str, Any]) -> str:
+def _layers_table(analyzer: MoEAnalyzer) -> str:
     head = ("<tr><th>layer</th><th class='l'>name</th><th class='l'>strategy</th><th>E</th>"
             "<th>K</th><th>calls</th><th>tokens</th><th>experts/token</th><th>entropy (nats)</th>"
             "<th>top-1 prob</th><th>drop rate</th><th>max/mean load</th><th>dead experts</th></tr>")
     rows = []
-    for layer, c in zip(session["layers"], layer_totals(session), strict=True):
-        m = layer_metrics(c, router_stats_known(session))
+    for layer, m in zip(analyzer.layers, analyzer.routing_stats()["layers"], strict=True):
         cells = [layer["index"], layer.get("name") or "", layer.get("strategy") or "",
-                 layer["num_experts"], layer["max_slots"], c["calls"], c["tokens"]]
-        nums = [_fmt(m[k]) for k in ("mean_experts", "router_entropy", "top1_prob",
-                                     "drop_rate", "max_over_mean_load")]
-        nums.append("-" if m["dead_experts"] is None else str(int(m["dead_experts"])))
+                 layer["num_experts"], layer["max_slots"], m["calls"], m["tokens"]]
+        nums = [_fmt(m[k]) for k in ("mean_experts", "mean_entropy", "mean_top1", "drop_rate",
+                                     "max_over_mean")]
+        nums.append("-" if m["dead_experts"] is None else str(m["dead_experts"]))
         tds = [f"<td{' class=l' if j in (1, 2) else ''}>{_e(v)}</td>" for j, v in enumerate(cells)]
         rows.append("<tr>" + "".join(tds) + "".join(f"<td>{v}</td>" for v in nums) + "</tr>")
     return f"<table class='grid'>{head}{''.join(rows)}</table>"
 
 
-def _issues(session: Mapping[str, Any]) -> str:
+def _issues(analyzer: MoEAnalyzer) -> str:
     try:
-        from .analyzer import MoEAnalyzer
-    except ImportError as err:
-        return (f"<p class='note' id='issues-unavailable'>Issue detection unavailable: "
-                f"moe_router.debug.analyzer could not be imported ({_e(err)}).</p>")
-    try:
-        issues = list(MoEAnalyzer(session).detect_issues())
+        issues = list(analyzer.detect_issues())
     except Exception as err:  # a report with the error beats no report
         return (f"<p class='sev-error' id='issues-failed'>Issue detection failed: "
                 f"{_e(type(err).__name__)}: {_e(err)}</p>")
@@ -240,7 +236,7 @@ def _issues(session: Mapping[str, Any]) -> str:
     rows = []
     for issue in issues:
         sev = str(issue.get("severity", ""))
-        evidence = to_json(issue.get("evidence"))
+        evidence = json.dumps(issue.get("evidence"), sort_keys=True, default=str)
         evidence = evidence if len(evidence) <= 300 else evidence[:299] + "\u2026"
         rows.append(f"<tr class='issue'><td class='l sev-{_e(sev.lower())}'>{_e(sev)}</td>"
                     f"<td class='l'>{_e(issue.get('kind', ''))}</td>"
@@ -255,17 +251,8 @@ def _colour(expert: int) -> str:
     return f"hsl({(expert * 137.508) % 360:.1f},65%,{72 if expert % 2 else 60}%)"
 
 
-def _top1(row: Mapping[str, Any]) -> int | None:
-    experts, weights = list(row.get("experts") or []), list(row.get("weights") or [])
-    if not experts:
-        return None
-    if len(weights) == len(experts):
-        return int(experts[max(range(len(experts)), key=lambda j: weights[j])])
-    return int(experts[0])
-
-
 def _token(row: Mapping[str, Any]) -> str:
-    top1 = _top1(row)
+    top1 = top1_expert(row)
     label = row["token_id"] if row.get("token_id") is not None else f"#{row.get('position', '?')}"
     weights = ", ".join(f"{float(w):.3f}" for w in row.get("weights") or [])
     tip = (f"position {row.get('position')} \u00b7 token {row.get('token_id')} \u00b7 experts "
@@ -285,7 +272,7 @@ def _tokens(session: Mapping[str, Any]) -> str:
         return ("<p class='note'>No trace recorded (set <code>MoEConfig.trace</code> to a "
                 "<code>TraceConfig</code> to sample tokens).</p>")
     shown = rows[:MAX_TOKENS]
-    labels = {int(x["index"]): layer_label(x) for x in session["layers"]}
+    labels = {int(x["index"]): _label(x) for x in session["layers"]}
     groups: dict[int, dict[tuple[Any, Any], list[Mapping[str, Any]]]] = {}
     for row in shown:
         key = (row.get("call"), row.get("mode"))
@@ -298,7 +285,7 @@ def _tokens(session: Mapping[str, Any]) -> str:
     parts.append("</p>")
     for layer in sorted(groups):
         experts = sorted({t for r in (x for g in groups[layer].values() for x in g)
-                          if (t := _top1(r)) is not None})
+                          if (t := top1_expert(r)) is not None})
         legend = "".join(f'<span class="tok" style="background:{_colour(e)}">e{e}</span>'
                          for e in experts)
         parts.append(f"<h3>Layer {_e(labels.get(layer, layer))}</h3>"
@@ -310,25 +297,25 @@ def _tokens(session: Mapping[str, Any]) -> str:
 
 
 def render_report(session: Any) -> str:
-    """The report of ``session`` (a session dict or an object with ``to_session()``) as HTML."""
-    s = as_session(session)
+    """The report of ``session`` (anything :func:`~moe_router.debug.files.load_session` takes: a
+    debugger, a session dict, a JSON path, a list of events) as HTML."""
+    s = load_session(session, "session")
+    analyzer = MoEAnalyzer(s)
     name = s.get("name") or "session"
     digest_id = (s.get("digest") or {}).get("id") or "-"
-    plots = ""
+    plots = balance = k_plot = ""
     if s["layers"]:
-        plots = (f"<section id='utilisation'><h2>Expert utilisation</h2>"
-                 f"{_img(_heatmap(s), 'layer x expert utilisation heatmap', 'heatmap')}</section>")
+        heatmap = _img(_heatmap(analyzer), "layer x expert utilisation heatmap", "heatmap")
+        plots = f"<section id='utilisation'><h2>Expert utilisation</h2>{heatmap}</section>"
+        balance = _img(_balance(analyzer, s["steps"]), "max over mean load", "balance-plot")
+        k_plot = _img(_k_hists(analyzer), "k histograms per layer", "k-plot")
     no_steps = "" if s["steps"] else ("<p class='note' id='no-steps'>No steps recorded: the "
                                       "balance of the totals per layer.</p>")
     sections = [
-        f"<section id='layers'><h2>Layers</h2>{_layers_table(s)}</section>",
-        f"<section id='balance'><h2>Balancedness</h2>{no_steps}"
-        f"{_img(_balance(s), 'max over mean load', 'balance-plot') if s['layers'] else ''}"
-        f"</section>",
-        f"<section id='k-hist'><h2>Experts per token</h2>"
-        f"{_img(_k_hists(s), 'k histograms per layer', 'k-plot') if s['layers'] else ''}"
-        f"</section>",
-        f"<section id='issues'><h2>Issues</h2>{_issues(s)}</section>",
+        f"<section id='layers'><h2>Layers</h2>{_layers_table(analyzer)}</section>",
+        f"<section id='balance'><h2>Balancedness</h2>{no_steps}{balance}</section>",
+        f"<section id='k-hist'><h2>Experts per token</h2>{k_plot}</section>",
+        f"<section id='issues'><h2>Issues</h2>{_issues(analyzer)}</section>",
         f"<section id='tokens'><h2>Token routing</h2>{_tokens(s)}</section>",
     ]
     now = datetime.now(UTC).isoformat(timespec="seconds")

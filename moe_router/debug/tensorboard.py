@@ -1,10 +1,11 @@
 """TensorBoard export of a session record: scalars and histograms per layer and step.
 
 Tags are ``moe/<metric>/layer_<index>``: the scalars of
-:data:`~moe_router.debug.export.LAYER_METRICS` (``moe/max_over_mean_load/layer_0``,
-``moe/mean_experts/layer_0``, ``moe/router_entropy/layer_0``, ``moe/drop_rate/layer_0``, ...) and
-the histograms ``moe/expert_tokens/layer_<i>`` (routed slots per expert index) and
-``moe/k/layer_<i>`` (tokens per number of experts). Event files are written with the
+:func:`~moe_router.debug.analyzer.layer_metrics`, under its key names
+(``moe/max_over_mean/layer_0``, ``moe/mean_experts/layer_0``, ``moe/mean_entropy/layer_0``,
+``moe/drop_rate/layer_0``, ``moe/dead_experts/layer_0``, ...; an undefined value, ``None`` there,
+writes no point) and the histograms ``moe/expert_tokens/layer_<i>`` (routed slots per expert
+index) and ``moe/k/layer_<i>`` (tokens per number of experts). Event files are written with the
 ``tensorboard`` package's record writer and protos (no TensorFlow, no torch): the classic
 ``simple_value`` scalars and ``HistogramProto`` histograms, which TensorBoard and
 ``EventAccumulator`` read directly.
@@ -20,7 +21,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from .export import LAYER_METRICS, as_session, layer_metrics, layer_totals, router_stats_known
+from .analyzer import LAYER_METRICS, MoEAnalyzer, layer_metrics
+from .files import load_session
 
 __all__ = ["HISTOGRAMS", "SCALARS", "write_tensorboard"]
 
@@ -64,7 +66,7 @@ def _summary(layers: Sequence[Mapping[str, Any]], counts: Sequence[Mapping[str, 
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     values = []
-    for layer, c in zip(layers, counts, strict=True):
+    for layer, c in zip(layers, counts):  # a manual step may list fewer layers
         if not int(c["tokens"]) and not sum(c["expert_tokens"]):
             continue
         for metric, value in layer_metrics(c, known).items():
@@ -84,20 +86,22 @@ def write_tensorboard(session: Any, logdir: str | os.PathLike[str],
     With ``step=None``: one TensorBoard step per entry of ``session["steps"]`` (what each layer
     added in that step, at the entry's ``step`` number and wall time), or the totals at step 0 when
     the session has no steps. With an int ``step``: one snapshot of the totals (train + eval) at
-    that step, e.g. to call periodically from a training loop. ``session`` is a session dict or
-    an object with ``to_session()`` (a debugger).
+    that step, e.g. to call periodically from a training loop. ``session`` is anything
+    :func:`~moe_router.debug.files.load_session` takes (a debugger, a session dict, a JSON path,
+    a list of events).
     """
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.record_writer import RecordWriter
 
-    s = as_session(session)
-    known, start = router_stats_known(s), _start_time(s)
+    s = load_session(session, "session")
+    analyzer = MoEAnalyzer(s)
+    known, start = analyzer.has_router_stats, _start_time(s)
     points: list[tuple[int, float, Sequence[Mapping[str, Any]]]]
     if step is None and s["steps"]:
         points = [(int(e["step"]), start + float(e.get("time") or 0.0), e["layers"])
                   for e in s["steps"]]
     else:
-        points = [(int(step or 0), time.time(), layer_totals(s))]
+        points = [(int(step or 0), time.time(), analyzer.counts())]
 
     os.makedirs(logdir, exist_ok=True)
     name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 import moe_router as mr  # noqa: E402
 from moe_router.debug import MoEDebugger  # noqa: E402
-from moe_router.debug.debugger import _delta_counts  # noqa: E402
+from moe_router.debug.readout import delta_counts  # noqa: E402
 from moe_router.torch import MoE  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -163,7 +163,7 @@ def test_trace_rows_are_the_plans_choices_and_the_ring_wraps():
 def test_int32_counters_are_read_exactly_across_wraparound():
     last = {"calls": np.array([2 ** 31 - 5, 0], np.int32)}
     now = {"calls": np.array([-(2 ** 31) + 5, 0], np.int32)}  # wrapped after 10 more
-    assert _delta_counts(now, last, 0)["calls"] == 10
+    assert delta_counts(now, last, 0)["calls"] == 10
 
 
 def test_replay_reproduces_outputs_and_balanced_forcing_balances():
