@@ -112,11 +112,14 @@ class MoEDebugger:
         self.attached = True
 
     def detach(self) -> None:
-        """Give every layer its original config back (the counters' ops are gone)."""
+        """Switch the counters (and the trace) off again: every layer gets back the observers and
+        trace it had before :meth:`attach` (routing changes made meanwhile, e.g. with
+        ``set_strategy``, are kept), so its step runs no counting op."""
         if self.model is None or not self.attached:
             return
         for entry in self._layers:
-            entry.layer.config = entry.original
+            entry.layer.config = entry.layer.config.replace(
+                observers=entry.original.observers, trace=entry.original.trace)
         self._hooks.invalidate_compiled(self.model)
         self.attached = False
 
@@ -139,7 +142,9 @@ class MoEDebugger:
         their original configs back unless ``detach=False``)."""
         if self._started_at is None:
             raise InputError("end_session", "no session is running; call start_session() first")
-        self.step()
+        self.sync()
+        if self._pending_modes:  # calls since the last step() close one last window
+            self.step()
         record = self.to_session()
         self._ended_at = time.time()
         record["ended_at"] = _iso(self._ended_at)

@@ -84,7 +84,7 @@ def test_counters_equal_a_hand_count_from_the_plans():
             got = record["totals"][mode][i]
             for field, value in want[mode].items():
                 assert got[field] == value, (i, mode, field)
-    assert [s["mode"] for s in record["steps"]] == ["train", "eval", "train", "eval", "none"]
+    assert [s["mode"] for s in record["steps"]] == ["train", "eval", "train", "eval"]
     util = debugger.get_expert_utilization()
     np.testing.assert_allclose(util.sum(axis=1), 1.0)
     train = np.array(record["totals"]["train"][0]["expert_tokens"], float)
@@ -225,3 +225,14 @@ def test_hf_model_statistics_match_a_hand_count():
     for i in range(2):
         assert record["totals"]["eval"][i]["expert_tokens"] == counts[i].tolist()
         assert record["totals"]["eval"][i]["tokens"] == counts[i].sum() // 2
+
+
+def test_detaching_keeps_routing_changes_made_during_the_session():
+    net = Net()
+    debugger = MoEDebugger(net)
+    with debugger.session():
+        for block in net.blocks:  # what set_strategy does: a new routing config
+            block.config = block.config.with_router(top_p=0.3)
+        net(torch.randn(3, 8))
+    assert all(b.config.router.top_p == 0.3 and b.config.observers == () for b in net.blocks)
+    assert len(debugger.to_session()["steps"]) == 1  # the calls after the last step() closed one
