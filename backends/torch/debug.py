@@ -6,17 +6,25 @@ from typing import Any
 
 from torch import nn
 
+from .hf_router import ATTR
 from .layers import MoE
 
 
 def find_moe_layers(model: Any) -> list[tuple[str, MoE]] | None:
     """Every :class:`MoE` in ``model`` (an ``nn.Module``, e.g. a Hugging Face model after
-    ``replace_moe_blocks``) with its module path, in registration order; ``None`` when ``model``
-    is not a torch module."""
+    ``replace_moe_blocks``) and every transformers gate wrapped by ``replace_routers`` /
+    ``set_strategy`` (its :class:`~moe_router_backends.torch.hf_router.GateRouting`, which has
+    the same debugger surface), with its module path, in registration order; ``None`` when
+    ``model`` is not a torch module."""
     if not isinstance(model, nn.Module):
         return None
-    return [(name or type(model).__name__, module) for name, module in model.named_modules()
-            if isinstance(module, MoE)]
+    found: list[tuple[str, Any]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            found.append((name or type(model).__name__, module))
+        elif ATTR in module.__dict__:  # a transformers gate routed by us (replace_routers)
+            found.append((name, module.__dict__[ATTR]))
+    return found
 
 
 def invalidate_compiled(model: Any) -> None:
