@@ -5,7 +5,12 @@ portable names of :func:`~moe_router.weights.param_shapes`) are ``nn.Parameter``
 layer state (:func:`~moe_router.layer.state.state_fields`) lives in buffers, both registered
 under nested submodules so that ``state_dict()`` keys equal the portable names
 (``router.weight``, ``experts.w_up``, ``router.state``, ``router.expert_bias``; observer
-counters ``observers.<name>.<field>`` are non-persistent buffers).
+counters ``observers.<name>.<field>`` are non-persistent buffers). Casting the layer
+(``.to(dtype)``, ``.half()``) moves the state without touching its dtype or values.
+
+``MoE(config, seed=...)`` initializes the parameters at random; :meth:`MoE.from_tensors` builds a
+layer around given tensors instead (no random init, no draw from a generator, any device
+including ``meta``): what the Hugging Face drop-in (:mod:`.hf`) uses.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from torch import nn
 
 from moe_router.config import MoEConfig
-from moe_router.errors import InputTypeError
+from moe_router.errors import InputError, InputTypeError
 from moe_router.layer.experts import check_dispatch_framework, warm_registry
 from moe_router.layer.state import (
     PERSISTENT,
@@ -93,24 +98,69 @@ class MoE(nn.Module):
     updates also while ``layer.calibrating``).
     """
 
+    #: the router module's class (a subclass may compute the logits its own way)
+    _router_class: type[Router] = Router
+
     def __init__(self, config: MoEConfig, *, seed: int | None = None,
                  device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        self._setup(config, {name: torch.empty(shape)
+                             for name, shape in param_shapes(config).items()}, None)
+        self._reset_parameters(seed)
+        self.to(device=device, dtype=dtype)
+
+    def _setup(self, config: MoEConfig, params: Mapping[str, torch.Tensor],
+               device: torch.device | None) -> None:
+        """Register ``params`` (used as given) and the initial state (on ``device``)."""
         self._names: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         self.config = config
         self.calibrating = False
-        self.router = Router()
-        for name, shape in param_shapes(config).items():
-            self._owner(name).register_parameter(name.rpartition(".")[2],
-                                                 nn.Parameter(torch.empty(shape)))
+        self.router = self._router_class()
+        for name, tensor in params.items():
+            self._owner(name).register_parameter(name.rpartition(".")[2], nn.Parameter(tensor))
         for name, value in initial_state_arrays(config).items():
-            self._owner(name).register_buffer(name.rpartition(".")[2], torch.from_numpy(value),
-                                              persistent=name in PERSISTENT)
-        self._reset_parameters(seed)
-        self.to(device=device, dtype=dtype)
+            self._owner(name).register_buffer(
+                name.rpartition(".")[2], torch.from_numpy(value).to(device),
+                persistent=name in PERSISTENT)
         self.register_load_state_dict_pre_hook(_rename_old_keys)
         self._last: list[Any] = [None, None]  # plan, replan of the last forward
+
+    @classmethod
+    def from_tensors(cls, config: MoEConfig, tensors: Mapping[str, torch.Tensor]) -> MoE:
+        """A layer whose parameters *are* ``tensors`` (no random initialization, no draw from
+        any random generator, no copy): the portable names and shapes of
+        :func:`~moe_router.weights.param_shapes`, all on one device (the meta device too), each
+        keeping its dtype and memory layout. Persistent state (``router.state``,
+        ``router.expert_bias``) is taken from ``tensors`` when given (cast to its float32
+        dtype), else starts fresh; observer state starts fresh. Pass copies of tensors that
+        stay in use elsewhere.
+
+        Raises:
+            InputError: a missing or unknown name, a wrong shape, or several devices.
+        """
+        shapes, state = param_shapes(config), state_fields(config)
+        unknown = sorted(set(tensors) - set(shapes) - {n for n in state if n in PERSISTENT})
+        missing = sorted(set(shapes) - set(tensors))
+        if unknown or missing:
+            raise InputError("tensors", f"missing {missing}, unknown {unknown}; expected the "
+                             f"parameters {sorted(shapes)} (and optionally {list(PERSISTENT)})")
+        for name, tensor in tensors.items():
+            expected = shapes[name] if name in shapes else tuple(state[name].shape)
+            if tuple(tensor.shape) != expected:
+                raise InputError("tensors", f"{name} has shape {tuple(tensor.shape)}, "
+                                 f"expected {expected}")
+        devices = {t.device for t in tensors.values()}
+        if len(devices) != 1:
+            raise InputError("tensors", f"expected one device, got {sorted(map(str, devices))}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(config, {name: tensors[name].detach() for name in shapes}, devices.pop())
+        for name in state:
+            if name in tensors:
+                owner, leaf = layer._owner(name), name.rpartition(".")[2]
+                owner._buffers[leaf] = tensors[name].detach().to(owner._buffers[leaf].dtype)
+        return layer
 
     @property
     def config(self) -> MoEConfig:
@@ -165,8 +215,30 @@ class MoE(nn.Module):
             module = module._modules[part]
         return module
 
+    def _kept_dtypes(self) -> dict[str, torch.dtype]:
+        """Flat names whose dtype a cast of the module (``.to(dtype)``, ``.half()``, ...) leaves
+        as is (they still follow device moves): the state (float32 / int32)."""
+        return {name: _DTYPES[field.dtype] for name, field in state_fields(self.config).items()}
+
     def _apply(self, fn: Any, recurse: bool = True) -> MoE:
-        super()._apply(fn, recurse)
+        # the kept tensors (and their gradients) move without any cast: no round trip through
+        # a lower precision
+        kept: dict[int, tuple[torch.Tensor, torch.dtype]] = {}
+        for name, dtype in self._kept_dtypes().items():
+            tensor = _get(self, name)
+            for t in (tensor, tensor.grad):
+                if t is not None and t.dtype == dtype:
+                    kept[id(t)] = (t, dtype)
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            entry = kept.get(id(t))
+            if entry is not None and entry[0] is t:
+                target = fn(t.new_empty(0))  # where and in which dtype fn would put it
+                if target.dtype != entry[1]:
+                    return t.to(device=target.device)
+            return fn(t)
+
+        super()._apply(keep if kept else fn, recurse)
         for name, field in state_fields(self.config).items():  # state keeps its dtype
             owner, leaf = self._owner(name), name.rpartition(".")[2]
             if owner._buffers[leaf].dtype != _DTYPES[field.dtype]:
@@ -209,7 +281,8 @@ class MoE(nn.Module):
 
     @classmethod
     def from_hf(cls, block: nn.Module, **router_overrides: Any) -> MoE:
-        """A layer equal to a Hugging Face MoE block (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3)."""
+        """A layer equal to a Hugging Face MoE block (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3);
+        ``router_dtype=`` and routing overrides as in :func:`~.hf.from_hf_block`."""
         from .hf import from_hf_block
 
         return from_hf_block(block, **router_overrides)

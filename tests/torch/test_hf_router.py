@@ -137,3 +137,25 @@ def test_debugger_counts_wrapped_gates_like_our_layers():
         assert record["totals"]["eval"][i]["expert_tokens"] == want[name].tolist()
         assert record["totals"]["eval"][i]["tokens"] == 18
     assert all(not g.state for _, _, g in wrapped_gates(model))  # detached: no counting
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dynamic_top_p_lowers_k_and_generates(family):
+    model = _model(family)
+    for _, _, gate in seam_blocks(model):  # a trained router's sharper scores
+        gate.weight.data *= 10.0
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    info = replace_routers(model, strategy="top_p", top_p=0.5, max_experts=2)
+    assert info["dynamic"] and info["experts_implementation"] == "moe_router"
+    assert model.config._experts_implementation == "moe_router"
+    used = []
+    handles = [gate.register_forward_hook(lambda m, a, out: used.append(out[2] >= 0))
+               for _, _, gate in seam_blocks(model)]
+    with torch.no_grad():
+        model(ids)
+        out = model.generate(ids[:, :4], max_new_tokens=3, do_sample=False)
+    for h in handles:
+        h.remove()
+    mean_k = torch.cat([u.sum(-1).float() for u in used]).mean().item()
+    assert 1.0 <= mean_k < 2.0, mean_k  # fewer than the family's static top-2
+    assert out.shape == (2, 7)
