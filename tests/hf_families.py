@@ -570,7 +570,24 @@ TABLE_BEGIN = "<!-- BEGIN hf-families table (python tests/hf_families.py) -->"
 TABLE_END = "<!-- END hf-families table -->"
 #: the experts-implementation column, until a family-specific finding replaces it
 EXPERTS_IMPLEMENTATION = "eager = grouped_mm = batched_mm = moe_router"
-PLANNED = "planned"
+#: families whose gate ``replace_routers`` / ``set_strategy`` refuses (an ``InputError`` whose
+#: message matches the value), and why; ``tests/torch/test_hf_router_families.py`` checks both
+#: the refusals and that every other family is reproduced exactly and routes dynamically
+ROUTER_REFUSED: dict[str, tuple[str, str]] = {
+    "deepseek_v4": ("needs the input 'input_ids'", "hash routing by token id"),
+    "diffusion_gemma": ("not understood", "the router returns probabilities with per-expert "
+                        "scales, not logits"),
+    "gemma4": ("not understood", "the router returns probabilities with per-expert scales, "
+               "not logits"),
+    "inkling": ("returns tuple", "the gate returns 4 values (shared-expert weights)"),
+    "openai_privacy_filter": ("not understood", "softmax over the selected logits divided by "
+                              "top_k"),
+    "phimoe": ("not understood", "sparsemixer selection"),
+    "zaya": ("returns tuple", "the gate returns 4 values and carries router state between "
+             "layers"),
+}
+ROUTER_OK = "yes (verified on a probe)"
+DYNAMIC_OK = "top_p, threshold, ... (moe_router experts)"
 
 
 def _score(gate: Gate) -> str:
@@ -604,7 +621,9 @@ def table_rows() -> list[str]:
                 f"`{name}`", "tested" if fam.head != "base" else "tested (text model)",
                 f"`{fam.model_class}`", f"`{g.path}`", ", ".join(g.returns), _score(g),
                 f"`{g.bias.rsplit('.', 1)[-1]}` ({g.bias_on})" if g.bias else "",
-                g.selection, scale, EXPERTS_IMPLEMENTATION, PLANNED, PLANNED]
+                g.selection, scale, EXPERTS_IMPLEMENTATION,
+                *((f"refused: {ROUTER_REFUSED[name][1]}", "no") if name in ROUTER_REFUSED
+                  else (ROUTER_OK, DYNAMIC_OK))]
         else:
             cells = [f"`{name}`", f"excluded: {EXCLUDED[name]}", "", "", "", "", "", "", "",
                      "", "", ""]

@@ -58,6 +58,7 @@ transformers' dtype with the default ``router_dtype``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -73,6 +74,8 @@ from moe_router.weights import weight_shapes
 
 from .layers import MoE, Router, _LayerStages
 from .model import moe_layers
+
+_LOG = logging.getLogger("moe_router")
 
 #: class name of the supported blocks -> short family name
 SUPPORTED_BLOCKS = {
@@ -643,7 +646,11 @@ def _router_changes(router: RouterConfig, changes: Mapping[str, Any]) -> dict[st
 
 
 def set_strategy(model: nn.Module, **router_changes: Any) -> int:
-    """Change the routing of every :class:`MoE` in ``model`` (after ``replace_moe_blocks``).
+    """Change the routing of every :class:`MoE` in ``model`` (after ``replace_moe_blocks``), or,
+    in a transformers model without our layers, route every experts-seam block's gate with our
+    router (:func:`~moe_router_backends.torch.hf_router.replace_routers`: the gate keeps its
+    parameters; a strategy that can leave slots unused switches the model to the
+    ``"moe_router"`` experts implementation, which is logged).
 
     Example: ``set_strategy(model, strategy="top_p", top_p=0.5, max_experts=4)``.
 
@@ -664,6 +671,15 @@ def set_strategy(model: nn.Module, **router_changes: Any) -> int:
         InputError: the change would alter the weight shapes.
     """
     layers = moe_layers(model)
+    if not layers:
+        from .hf_router import replace_routers
+
+        result = replace_routers(model, **router_changes)
+        if result["experts_implementation"]:
+            _LOG.info("set_strategy: %d gates routed by moe_router; experts implementation "
+                      "switched to %r (it skips unused slots)", result["blocks"],
+                      result["experts_implementation"])
+        return int(result["blocks"])
     configs = []
     for layer in layers:
         new = layer.config.with_router(**_router_changes(layer.config.router, router_changes))

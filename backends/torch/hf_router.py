@@ -18,6 +18,7 @@ handles them; :func:`replace_routers` switches the model to ours (``"moe_router"
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -56,8 +57,9 @@ class GateRouting:
     debugger counts wrapped gates exactly like our own layers."""
 
     def __init__(self, gate: nn.Module, base: RouterConfig, router: RouterConfig, handle: Any,
-                 d_model: int, d_ff: int) -> None:
+                 d_model: int, d_ff: int, bias_source: BiasSource = None) -> None:
         self.gate, self.base, self.router, self.handle = gate, base, router, handle
+        self.bias_source = bias_source
         self._moe = MoEConfig(d_model=d_model, d_ff=d_ff, router=router)
         self.state: dict[str, torch.Tensor] = {}
         self.forced: tuple[Any, Any] | None = None
@@ -132,8 +134,9 @@ def _device(gate: nn.Module) -> torch.device:
     return next(itertools.chain(gate.parameters(), gate.buffers())).device
 
 
-def _gate_output(gate: nn.Module, hidden_TD: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    out = gate(hidden_TD)
+def _gate_output(gate: nn.Module, hidden_TD: torch.Tensor,
+                 *extra: Any) -> tuple[torch.Tensor, ...]:
+    out = gate(hidden_TD, *extra)
     if not (isinstance(out, tuple) and len(out) == 3 and out[2].dtype in (torch.int64,
                                                                            torch.int32)):
         raise InputError("model", f"{type(gate).__name__} returns "
@@ -143,30 +146,85 @@ def _gate_output(gate: nn.Module, hidden_TD: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _attr(gate: nn.Module, config: Any, *names: str, default: Any = None) -> Any:
-    for name in names:
-        for owner in (gate, config):
+    """The first of ``names`` set on the gate, else on the model config."""
+    for owner in (gate, config):
+        for name in names:
             value = getattr(owner, name, None)
             if value is not None:
                 return value
     return default
 
 
-def _candidates(gate: nn.Module, config: Any, E: int, k: int) -> Iterator[RouterConfig]:
+#: where a gate's selection-only bias comes from: ``("attr", name)`` of the gate, ``("arg", i)``
+#: the i-th extra input the block passes it, or ``None``
+BiasSource = tuple[str, Any] | None
+
+
+def _extra_inputs(block: nn.Module, gate: nn.Module) -> tuple[list[str], list[Any]]:
+    """The inputs the block passes the gate after the hidden states, as block attributes of the
+    same name (``self.gate(hidden, self.e_score_correction_bias)``).
+
+    Raises:
+        InputError: the gate needs an input the block does not hold (token ids of hash routing).
+    """
+    params = list(inspect.signature(gate.forward).parameters.values())[1:]
+    names, values = [], []
+    for param in params:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if hasattr(block, param.name):
+            names.append(param.name)
+            values.append(getattr(block, param.name))
+        elif param.default is param.empty:
+            raise InputError("model", f"{type(gate).__name__} needs the input "
+                             f"{param.name!r}, which its block does not hold (e.g. token ids of "
+                             "hash routing): its routing is not supported")
+        else:
+            break
+    return names, values
+
+
+def _bias_sources(gate: nn.Module, names: list[str], values: list[Any]) -> list[BiasSource]:
+    """The selection-bias candidates, most likely first (and ``None``: no bias)."""
+    found: list[BiasSource] = [
+        ("attr", name) for name, tensor in itertools.chain(gate.named_buffers(),
+                                                           gate.named_parameters())
+        if name.rpartition(".")[2] in ("e_score_correction_bias", "expert_bias")]
+    found += [("arg", i) for i, (n, v) in enumerate(zip(names, values, strict=True))
+              if "bias" in n and isinstance(v, torch.Tensor)]
+    return [*found, None]
+
+
+def _bias(gate: nn.Module, args: tuple[Any, ...], source: BiasSource) -> torch.Tensor | None:
+    if source is None:
+        return None
+    kind, where = source
+    if kind == "arg":
+        return args[1 + where]
+    owner, _, leaf = where.rpartition(".")
+    return getattr(gate.get_submodule(owner) if owner else gate, leaf).reshape(-1)
+
+
+def _candidates(gate: nn.Module, config: Any, E: int, k: int,
+                biases: list[BiasSource]) -> Iterator[tuple[RouterConfig, BiasSource]]:
     """The conventions to try, the ones the gate and config name first."""
-    bias = getattr(gate, "e_score_correction_bias", None) is not None
     groups = _attr(gate, config, "num_group", "n_group")
     topk_group = _attr(gate, config, "topk_group")
     grouped = groups is not None and int(groups) > 1 and topk_group is not None
     norm = _attr(gate, config, "norm_topk_prob")
-    scale = float(_attr(gate, config, "routed_scaling_factor", default=1.0) or 1.0)
+    scale = float(_attr(gate, config, "routed_scaling_factor", "router_scaling_factor",
+                        "route_scale",
+                        default=1.0) or 1.0)
     scoring = _attr(gate, config, "scoring_func", "score_function")
-    scores = ["sigmoid", "softmax"] if bias or scoring == "sigmoid" else ["softmax", "sigmoid"]
+    sigmoid_first = biases[0] is not None or scoring == "sigmoid"
+    scores = ["sigmoid", "softmax"] if sigmoid_first else ["softmax", "sigmoid"]
     norms = [bool(norm), not bool(norm)] if norm is not None else [True, False]
-    for score, normalize, route_scale in itertools.product(scores, norms, [scale, 1.0]):
+    group_options = [(int(groups), int(topk_group)), (None, None)] if grouped else [(None, None)]
+    for bias, group, score, normalize, route_scale in itertools.product(
+            biases, group_options, scores, norms, [scale, 1.0]):
         yield RouterConfig(num_experts=E, k=k, score_func=score, normalize_weights=normalize,
-                           use_expert_bias=bias, route_scale=route_scale,
-                           num_groups=int(groups) if grouped else None,
-                           topk_groups=int(topk_group) if grouped else None)
+                           use_expert_bias=bias is not None, route_scale=route_scale,
+                           num_groups=group[0], topk_groups=group[1]), bias
 
 
 def _selection(ids_TK: torch.Tensor, w_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,43 +233,66 @@ def _selection(ids_TK: torch.Tensor, w_TK: torch.Tensor) -> tuple[torch.Tensor, 
     return ids_TK.gather(-1, order), w_TK.float().gather(-1, order)
 
 
-def _route(gate: nn.Module, logits_TE: torch.Tensor, config: RouterConfig,
-           training: bool = False, state: RouterState | None = None) -> Any:
-    bias = getattr(gate, "e_score_correction_bias", None) if config.use_expert_bias else None
-    return route(logits_TE, config, expert_bias_E=bias, training=training, state=state,
-                 validate=False)
+def _tied(plan: Any, want_ids_TK: torch.Tensor, got_ids_TK: torch.Tensor) -> bool:
+    """Whether the two choices differ only among experts of equal score (an untrained gate
+    with zero weights ties everywhere; ``torch.topk`` breaks ties in no documented order)."""
+    scores_TE = plan.router_probs[:, : plan.config.num_experts]
+    want = scores_TE.gather(-1, want_ids_TK.long()).sort(-1).values
+    got = scores_TE.gather(-1, got_ids_TK.long()).sort(-1).values
+    return bool(torch.equal(want, got))
 
 
 @torch.no_grad()
-def gate_config(gate: nn.Module, config: Any) -> RouterConfig:
-    """The family's static top-k routing as a :class:`RouterConfig`, verified on a probe batch:
-    our top-k of the gate's logits equals the gate's own choice (same experts, weights within
-    1e-5).
+def gate_config(gate: nn.Module, config: Any,
+                block: nn.Module | None = None) -> tuple[RouterConfig, BiasSource]:
+    """The family's static top-k routing as a :class:`RouterConfig` and where its selection
+    bias comes from, verified on a probe batch: our top-k of the gate's logits equals the gate's
+    own choice (same experts, weights within 1e-5).
 
     Raises:
-        InputError: no convention reproduces the gate (named in the message).
+        InputError: no convention reproduces the gate, or the gate needs inputs we cannot give
+            it (named in the message).
     """
     param = next(itertools.chain(gate.parameters(), gate.buffers()))
-    D = int(getattr(gate, "hidden_dim", 0) or getattr(config, "hidden_size"))
+    weight = getattr(gate, "weight", None)
+    D = int(getattr(gate, "hidden_dim", 0) or (weight.shape[-1] if isinstance(
+        weight, torch.Tensor) and weight.dim() == 2 else config.get_text_config().hidden_size))
     generator = torch.Generator().manual_seed(0)  # a local generator: no global RNG draw
     probe = torch.randn(_PROBE_TOKENS, D, generator=generator).to(param.device, param.dtype)
+    names, values = _extra_inputs(block, gate) if block is not None else ([], [])
     was_training = gate.training
     gate.eval()
     try:
-        logits_TE, weights_TK, ids_TK = _gate_output(gate, probe)
+        try:
+            logits_TE, weights_TK, ids_TK = _gate_output(gate, probe, *values)
+        except (ValueError, RuntimeError, IndexError):  # a gate that wants (B, S, D)
+            logits_TE, weights_TK, ids_TK = _gate_output(gate, probe[None], *values)
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure to call it: not understood
+        raise InputError("model", f"{type(gate).__name__} could not be probed ({err}); its "
+                         "routing convention is not understood") from err
     finally:
         gate.train(was_training)
+    if logits_TE.dim() != 2 or weights_TK.shape != ids_TK.shape:
+        raise InputError("model", f"{type(gate).__name__} returns shapes "
+                         f"{tuple(logits_TE.shape)}, {tuple(weights_TK.shape)}, "
+                         f"{tuple(ids_TK.shape)}: its routing convention is not understood")
     want_ids, want_w = _selection(ids_TK, weights_TK)
     E, k = int(logits_TE.shape[-1]), int(ids_TK.shape[-1])
-    for candidate in _candidates(gate, config, E, k):
+    args = (probe, *values)
+    for candidate, source in _candidates(gate, config, E, k, _bias_sources(gate, names, values)):
         try:
-            plan = _route(gate, logits_TE.float(), candidate)
+            plan = route(logits_TE.float(), candidate, expert_bias_E=_bias(gate, args, source),
+                         validate=False)
         except Exception:  # noqa: BLE001 - an impossible candidate (e.g. groups) is no match
             continue
         got_ids, got_w = _selection(plan.expert_indices.to(ids_TK.dtype), plan.expert_weights)
-        if torch.equal(got_ids, want_ids) and torch.allclose(got_w, want_w, atol=1e-5,
-                                                             rtol=1e-4):
-            return candidate
+        if not torch.allclose(got_w, want_w, atol=1e-5, rtol=1e-4) and not torch.allclose(
+                got_w.sort(-1).values, want_w.sort(-1).values, atol=1e-5, rtol=1e-4):
+            continue
+        if torch.equal(got_ids, want_ids) or _tied(plan, ids_TK, got_ids):
+            return candidate, source
     raise InputError("model", f"the routing convention of {type(gate).__name__} is not "
                      "understood (no softmax/sigmoid, normalized or not, scaled or not, "
                      "biased/grouped top-k reproduces its choice); it is refused rather than "
@@ -227,7 +308,7 @@ def _hook(gate: nn.Module, args: Any, output: Any) -> Any:
     if stateful:
         state = RouterState(*gate._buffers["moe_router_state"].unbind(0))
     forced = routing.forced or (None, None)
-    bias = getattr(gate, "e_score_correction_bias", None) if config.use_expert_bias else None
+    bias = _bias(gate, args, routing.bias_source) if config.use_expert_bias else None
     plan = route(logits_TE.float(), config, expert_bias_E=bias, training=gate.training,
                  state=state, validate=False, forced_experts_TK=_rows(forced[0]),
                  forced_weights_TK=_rows(forced[1]))
@@ -266,20 +347,21 @@ def replace_routers(model: nn.Module, **router_changes: Any) -> dict[str, Any]:
         raise InputError("model", f"{type(model).__name__} has no transformers MoE block with "
                          "a gate and an experts module of the experts seam")
     plans = []
-    for _name, _block, gate in blocks:
+    for _name, block, gate in blocks:
         routing = gate.__dict__.get(ATTR)
-        base = routing.base if routing is not None else gate_config(gate, hf_config)
+        base, source = ((routing.base, routing.bias_source) if routing is not None
+                        else gate_config(gate, hf_config, block))
         changes = dict(router_changes)
         if "strategy" in changes and changes["strategy"] != "top_k":
             changes.setdefault("normalize_weights", None)
-        plans.append((gate, base, base.replace(**changes)))
+        plans.append((source, base, base.replace(**changes)))
     dynamic = any(new.is_dynamic or new.max_slots != base.max_slots for _, base, new in plans)
-    for (_name, block, gate), (_, base, new) in zip(blocks, plans, strict=True):
+    for (_name, block, gate), (source, base, new) in zip(blocks, plans, strict=True):
         routing = gate.__dict__.get(ATTR)
         if routing is None:
             D, F = _widths(block, hf_config)
-            routing = gate.__dict__[ATTR] = GateRouting(gate, base, new,
-                                                        gate.register_forward_hook(_hook), D, F)
+            routing = gate.__dict__[ATTR] = GateRouting(
+                gate, base, new, gate.register_forward_hook(_hook), D, F, source)
         routing.config = routing.config.replace(router=new)
         if new.strategy_spec.stateful:
             fresh = init_router_state(new)

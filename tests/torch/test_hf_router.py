@@ -102,7 +102,7 @@ def test_bf16_choices_equal_stock(family):
 def test_convention_is_verified_not_guessed():
     model = _model("mixtral")
     gate = next(seam_blocks(model))[2]
-    assert gate_config(gate, model.config).normalize_weights is True
+    assert gate_config(gate, model.config)[0].normalize_weights is True
 
     def renormalize_badly(module, args, out):  # a gate whose weights follow no known rule
         logits, w, idx = out
@@ -159,3 +159,15 @@ def test_dynamic_top_p_lowers_k_and_generates(family):
     mean_k = torch.cat([u.sum(-1).float() for u in used]).mean().item()
     assert 1.0 <= mean_k < 2.0, mean_k  # fewer than the family's static top-2
     assert out.shape == (2, 7)
+
+
+def test_set_strategy_routes_a_stock_model_through_its_gates(caplog):
+    import logging
+
+    from moe_router.torch import set_strategy
+
+    model = _model("qwen3_moe")
+    with caplog.at_level(logging.INFO, logger="moe_router"):
+        assert set_strategy(model, strategy="top_p", top_p=0.5, max_experts=2) == 2
+    assert "moe_router" in caplog.text and model.config._experts_implementation == "moe_router"
+    assert all(r.router.strategy == "top_p" for _, _, r in wrapped_gates(model))
