@@ -1,6 +1,10 @@
 """PyTorch facade: ``from moe_router.torch import MoE, replace_moe_blocks, set_strategy``.
 
-Importing this module imports torch (``import moe_router`` alone never does).
+Importing this module imports torch (``import moe_router`` alone never does). It never imports
+transformers, but it makes ``experts_implementation="moe_router"`` available to transformers:
+registered at once if transformers' MoE integration is already loaded, else right after it gets
+imported (a one-shot import hook), so the name works whatever the import order.
+:func:`register_hf_experts` registers explicitly (idempotent).
 """
 
 from __future__ import annotations
@@ -12,8 +16,17 @@ from moe_router_backends.torch.hf import (
     replace_moe_blocks,
     set_strategy,
 )
+from moe_router_backends.torch.hf_experts import (
+    moe_router_experts_forward,
+    register_hf_experts,
+    register_hf_experts_lazily,
+    use_moe_router_experts,
+)
 from moe_router_backends.torch.layers import MoE
 from moe_router_backends.torch.model import calibrate, moe_layers, total_aux_loss
 
+register_hf_experts_lazily()
+
 __all__ = ["MoE", "TorchBackend", "UnknownFieldError", "calibrate", "from_hf_block",
-           "moe_layers", "replace_moe_blocks", "set_strategy", "total_aux_loss"]
+           "moe_layers", "moe_router_experts_forward", "register_hf_experts",
+           "replace_moe_blocks", "set_strategy", "total_aux_loss", "use_moe_router_experts"]
