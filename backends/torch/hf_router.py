@@ -258,7 +258,8 @@ def gate_config(gate: nn.Module, config: Any,
     D = int(getattr(gate, "hidden_dim", 0) or (weight.shape[-1] if isinstance(
         weight, torch.Tensor) and weight.dim() == 2 else config.get_text_config().hidden_size))
     generator = torch.Generator().manual_seed(0)  # a local generator: no global RNG draw
-    probe = torch.randn(_PROBE_TOKENS, D, generator=generator).to(param.device, param.dtype)
+    dtype = next(block.experts.parameters()).dtype if block is not None else param.dtype
+    probe = torch.randn(_PROBE_TOKENS, D, generator=generator).to(param.device, dtype)
     names, values = _extra_inputs(block, gate) if block is not None else ([], [])
     was_training = gate.training
     gate.eval()
@@ -287,9 +288,11 @@ def gate_config(gate: nn.Module, config: Any,
                          validate=False)
         except Exception:  # noqa: BLE001 - an impossible candidate (e.g. groups) is no match
             continue
-        got_ids, got_w = _selection(plan.expert_indices.to(ids_TK.dtype), plan.expert_weights)
-        if not torch.allclose(got_w, want_w, atol=1e-5, rtol=1e-4) and not torch.allclose(
-                got_w.sort(-1).values, want_w.sort(-1).values, atol=1e-5, rtol=1e-4):
+        got_ids, got_w = _selection(plan.expert_indices.to(ids_TK.dtype),
+                                    plan.expert_weights.to(weights_TK.dtype))
+        tol = max(1e-5, 2 * torch.finfo(weights_TK.dtype).eps)  # the gate's weight dtype
+        if not torch.allclose(got_w, want_w, atol=tol, rtol=tol) and not torch.allclose(
+                got_w.sort(-1).values, want_w.sort(-1).values, atol=tol, rtol=tol):
             continue
         if torch.equal(got_ids, want_ids) or _tied(plan, ids_TK, got_ids):
             return candidate, source
