@@ -171,3 +171,18 @@ def test_set_strategy_routes_a_stock_model_through_its_gates(caplog):
         assert set_strategy(model, strategy="top_p", top_p=0.5, max_experts=2) == 2
     assert "moe_router" in caplog.text and model.config._experts_implementation == "moe_router"
     assert all(r.router.strategy == "top_p" for _, _, r in wrapped_gates(model))
+
+
+def test_wrapped_model_saves_the_stock_checkpoint(tmp_path):
+    model = _model("qwen3_moe")
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        stock = model(ids).logits
+    replace_routers(model, strategy="top_p", top_p=0.5, max_experts=2)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert sorted(loaded.state_dict()) == sorted(model.state_dict())
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+    with torch.no_grad():  # the saved model is the stock one: its own routing
+        torch.testing.assert_close(loaded(ids).logits, stock, atol=1e-5, rtol=1e-5)
