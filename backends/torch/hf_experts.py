@@ -13,11 +13,12 @@ with ``(hidden_states (T, D), top_k_index (T, K), top_k_weights (T, K))``.
   and contribute zero, so a dynamic router (top-p, null experts) can feed it; any K;
 - one grouped GEMM per projection, chosen like torch's policy (:func:`choose_experts_kernel`):
   ``grouped_mm`` (``torch._grouped_mm``; through our ``moe_router::grouped_mm`` custom op when
-  autograd or ``torch.compile`` needs it), ``padded`` (one ``bmm`` over an ``(E, C, D)`` buffer),
-  ``loop`` (per-expert matmuls), or under ``torch.compile`` without ``_grouped_mm`` support
-  transformers' own opaque ``grouped_mm_fallback`` op;
+  autograd or ``torch.compile`` needs it), ``padded`` (one ``bmm`` over an ``(n, C, D)``
+  buffer of the used experts), ``loop`` (per-expert matmuls), or under ``torch.compile`` without
+  ``_grouped_mm`` support transformers' own opaque ``grouped_mm_fallback`` op;
 - numerics as transformers' ``grouped_mm``: activations cast to the weights' dtype, outputs times
-  the routing weights (torch's type promotion), summed over K, cast to ``hidden_states``' dtype.
+  the routing weights (torch's type promotion: float32 weights on bfloat16 experts sum in
+  float32), summed per token (:func:`combine`), cast to ``hidden_states``' dtype.
 
 Shapes: T tokens, K slots per token, S = T*K slots, E experts, D model width, N = 2F (gated) or
 F, F expert width.
@@ -51,8 +52,6 @@ _MOE_MODULE = "transformers.integrations.moe"
 KERNELS = ("grouped_mm", "padded", "loop", "fallback")
 #: CPU, several threads: ``padded`` up to this many slots per expert, then ``grouped_mm``
 PADDED_ROWS_PER_EXPERT = 32
-#: CPU, one thread: ``loop`` below this many slots per expert, then ``grouped_mm``
-ONE_THREAD_GMM_ROWS = 8
 _GMM_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _B = TorchBackend()
 
@@ -105,14 +104,15 @@ def _row_bias(b_EN: torch.Tensor | None, expert_S: torch.Tensor) -> torch.Tensor
     return None if b_EN is None else F.pad(b_EN, (0, 0, 0, 1))[expert_S]
 
 
-def grouped_rows(experts: nn.Module, x_SD: torch.Tensor, perm: Permutation, w: ExpertsWeights,
-                 kernel: str = "grouped_mm") -> torch.Tensor:
-    """``grouped_mm`` / ``fallback``: one grouped GEMM per projection over all S rows (static
-    shapes: the ``torch.compile`` paths). The GEMMs skip the tail rows and leave them zero; they
-    get no bias (the post-expert norm sees zeros), and their routing weight is zero."""
+def grouped_rows(experts: nn.Module, x_RD: torch.Tensor, perm: Permutation, w: ExpertsWeights,
+                 kernel: str = "grouped_mm", tail: bool = True) -> torch.Tensor:
+    """``grouped_mm`` / ``fallback``: one grouped GEMM per projection over the first R sorted
+    rows: all S (static shapes: CUDA, ``torch.compile``), or the U used ones (CPU eager:
+    ``tail=False``). The GEMMs skip the tail rows (unused slots) and leave them zero; they get
+    no bias (the post-expert norm sees zeros), and their routing weight is zero."""
     offs_E = torch.cumsum(perm.counts_E, 0, dtype=torch.int32)
     needs_grad = torch.is_grad_enabled() and (
-        x_SD.requires_grad or any(t is not None and t.requires_grad for t in w))
+        x_RD.requires_grad or any(t is not None and t.requires_grad for t in w))
     if kernel == "fallback":  # transformers' opaque per-expert loop (any dtype), zero tail
         op = torch.ops.transformers.grouped_mm_fallback
         mm_in = mm_out = lambda a, b: op(a, b, offs_E)  # noqa: E731
@@ -120,9 +120,12 @@ def grouped_rows(experts: nn.Module, x_SD: torch.Tensor, perm: Permutation, w: E
         mm_in = mm_out = lambda a, b: grouped_mm(a, b, offs_E)  # noqa: E731
     else:  # eager inference: the raw kernel; tail rows of the hidden are never read
         mm_in = lambda a, b: torch._grouped_mm(a, b, offs=offs_E)  # noqa: E731
-        mm_out = lambda a, b: _zero_tail(torch._grouped_mm(a, b, offs=offs_E), offs_E)  # noqa: E731
-    return _ffn(experts, x_SD, w, mm_in, mm_out, _row_bias(w.b_in_EN, perm.expert_S),
-                _row_bias(w.b_out_ED, perm.expert_S))
+        mm_out = mm_in
+        if tail:  # rows past offs[-1] may be there, unwritten
+            mm_out = lambda a, b: _zero_tail(mm_in(a, b), offs_E)  # noqa: E731
+    expert_R = perm.expert_S[:x_RD.shape[0]]
+    return _ffn(experts, x_RD, w, mm_in, mm_out, _row_bias(w.b_in_EN, expert_R),
+                _row_bias(w.b_out_ED, expert_R))
 
 
 def expert_grid(counts: Sequence[int]) -> tuple[int, int, int]:
@@ -136,51 +139,71 @@ def expert_grid(counts: Sequence[int]) -> tuple[int, int, int]:
     return active[0], step, (active[-1] - active[0]) // step + 1
 
 
-def padded_rows(experts: nn.Module, x_SD: torch.Tensor, perm: Permutation, w: ExpertsWeights,
+def padded_rows(experts: nn.Module, x_UD: torch.Tensor, perm: Permutation, w: ExpertsWeights,
                 counts: Sequence[int]) -> torch.Tensor:
-    """``padded``: rows scattered into an ``(n, C, D)`` buffer over the :func:`expert_grid`
-    experts (strided views of the weights, no copy; C = the largest count, host-read) and one
-    ``bmm`` per projection (it spreads the experts over threads); tail rows zero."""
-    used = sum(counts)
+    """``padded``: the U used rows (the head of the sorted ones) scattered into an
+    ``(n, C, D)`` buffer over the :func:`expert_grid` experts (strided views of the weights, no
+    copy; C = the largest count, host-read) and one ``bmm`` per projection (it spreads the
+    experts over threads); returns the U output rows."""
     first, step, n = expert_grid(counts)
     grid = [first + i * step for i in range(n)]
     starts = list(itertools.accumulate([counts[e] for e in grid[:-1]], initial=0))
-    expert_U = perm.expert_S[:used]
+    expert_U = perm.expert_S[:x_UD.shape[0]]
     slot_U = torch.div(expert_U - first, step, rounding_mode="floor")
-    start_n = torch.tensor(starts, device=x_SD.device, dtype=expert_U.dtype)
-    rank_U = torch.arange(used, device=x_SD.device) - start_n[slot_U]
-    x_nCD = x_SD.new_zeros((n, max(counts), x_SD.shape[1]))
-    x_nCD = x_nCD.index_put((slot_U, rank_U), x_SD[:used])
+    start_n = torch.tensor(starts, device=x_UD.device, dtype=expert_U.dtype)
+    rank_U = torch.arange(x_UD.shape[0], device=x_UD.device) - start_n[slot_U]
+    x_nCD = x_UD.new_zeros((n, max(counts), x_UD.shape[1])).index_put((slot_U, rank_U), x_UD)
     end = first + (n - 1) * step + 1
     w_grid = ExpertsWeights(*(None if t is None else t[first:end:step] for t in w))
     b_in, b_out = (None if b is None else b[:, None, :] for b in w_grid[1::2])
-    out_nCD = _ffn(experts, x_nCD, w_grid, torch.bmm, torch.bmm, b_in, b_out)
-    out_UD = out_nCD[slot_U, rank_U]
-    if used == x_SD.shape[0]:
-        return out_UD
-    return torch.cat([out_UD, out_UD.new_zeros((x_SD.shape[0] - used, out_UD.shape[1]))])
+    return _ffn(experts, x_nCD, w_grid, torch.bmm, torch.bmm, b_in, b_out)[slot_U, rank_U]
 
 
-def loop_rows(experts: nn.Module, x_SD: torch.Tensor, perm: Permutation, w: ExpertsWeights,
+def loop_rows(experts: nn.Module, x_UD: torch.Tensor, perm: Permutation, w: ExpertsWeights,
               counts: Sequence[int]) -> torch.Tensor:
-    """``loop``: each used expert's FFN on its contiguous slice of rows; tail rows zero."""
+    """``loop``: each used expert's FFN on its contiguous slice of the U used rows; returns
+    the U output rows."""
     pieces, start = [], 0
     for e, count in enumerate(counts):
         if count:
             w_e = ExpertsWeights(*(None if t is None else t[e] for t in w))
-            pieces.append(_ffn(experts, x_SD[start:start + count], w_e, torch.matmul,
+            pieces.append(_ffn(experts, x_UD[start:start + count], w_e, torch.matmul,
                                torch.matmul, w_e.b_in_EN, w_e.b_out_ED))
         start += count
-    if start < x_SD.shape[0]:
-        pieces.append(x_SD.new_zeros((x_SD.shape[0] - start, w.w_out_EFD.shape[-1])))
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def combine(out_RD: torch.Tensor, perm: Permutation, weights_TK: torch.Tensor,
+            num_tokens: int, index_add: bool | None = None) -> torch.Tensor:
+    """``y_TD``: each of the first R sorted rows times its slot's weight, summed into its
+    token (rows beyond R, and zero-weight slots, contribute nothing). ``index_add`` (default: on
+    CPU) index-adds the scaled rows (deterministic on CPU, and about 2x faster than the gather
+    at T = 4096); else they are gathered back through the inverse permutation and summed over K,
+    as transformers' ``grouped_mm`` does (deterministic on every device: no atomics)."""
+    R, D = out_RD.shape
+    if index_add is None:
+        index_add = out_RD.device.type == "cpu"
+    if index_add:
+        dtype = torch.promote_types(out_RD.dtype, weights_TK.dtype)
+        weights_R1 = weights_TK.reshape(-1)[perm.order_S[:R], None].to(dtype)
+        if out_RD.dtype == dtype:
+            weighted_RD = out_RD * weights_R1
+        else:  # cast, then scale in place: a mixed-dtype multiply is ~4x slower on CPU
+            weighted_RD = out_RD.to(dtype).mul_(weights_R1)
+        return weighted_RD.new_zeros((num_tokens, D)).index_add_(0, perm.token_S[:R],
+                                                                  weighted_RD)
+    S = perm.order_S.shape[0]
+    out_SD = out_RD if R == S else F.pad(out_RD, (0, 0, 0, S - R))
+    out_TKD = out_SD[perm.inverse_S].view(num_tokens, perm.num_slots, D)
+    return (out_TKD * weights_TK[..., None]).sum(dim=1)
 
 
 # ----- the policy and the forward ---------------------------------------------------------------
 def grouped_mm_ok(x: torch.Tensor, w: ExpertsWeights) -> bool:
     """Whether ``torch._grouped_mm`` takes these operands: CUDA SM80+ bfloat16, or CPU
-    float32/bfloat16/float16 with 16-byte aligned data (any strides; alignment is unknown, and
-    not needed, under ``torch.compile``)."""
+    float32/bfloat16/float16 with 16-byte aligned weights (any strides; the alignment, unknown
+    while tracing, is not checked under ``torch.compile``; the rows it multiplies are fresh,
+    hence aligned, tensors)."""
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.w_in_EDN.dtype:
         return False
     if x.device.type == "cuda":
@@ -188,7 +211,7 @@ def grouped_mm_ok(x: torch.Tensor, w: ExpertsWeights) -> bool:
     if x.device.type != "cpu" or x.dtype not in _GMM_CPU_DTYPES:
         return False
     return torch.compiler.is_compiling() or all(
-        t.data_ptr() % 16 == 0 for t in (x, w.w_in_EDN, w.w_out_EFD))
+        t.data_ptr() % 16 == 0 for t in (w.w_in_EDN, w.w_out_EFD))
 
 
 def choose_experts_kernel(x_TD: torch.Tensor, w: ExpertsWeights, num_slots: int,
@@ -196,16 +219,17 @@ def choose_experts_kernel(x_TD: torch.Tensor, w: ExpertsWeights, num_slots: int,
     """The kernel for these operands, S = ``num_slots`` and (eager) the host-read per-expert
     counts (one of :data:`KERNELS`).
 
-    Under ``torch.compile``: ``grouped_mm`` where supported, else ``fallback``. Eager:
-    ``grouped_mm`` on CUDA where supported. Else (CPU, or dtypes ``_grouped_mm`` lacks), as
-    measured on CPU (``bench_torch.py``, 1 and 2 threads): ``loop`` above ``PADDED_MAX_SLOTS``
-    slots; with several threads ``padded`` while rows per expert are few (S <=
-    ``PADDED_ROWS_PER_EXPERT`` * E: ``bmm`` spreads the experts over the threads, where the
-    grouped kernel's small per-expert GEMMs do not), ``grouped_mm`` above where supported; with
-    one thread ``loop`` below ``ONE_THREAD_GMM_ROWS`` * E slots (the CPU grouped kernel visits
-    every expert, ``loop`` only the used ones), ``grouped_mm`` from there where supported.
-    ``padded`` gives way to ``loop`` when its :func:`expert_grid` would stream over twice the
-    used experts' weights.
+    - ``torch.compile``: ``grouped_mm`` where supported, else ``fallback`` (static shapes).
+    - Eager, CUDA: ``grouped_mm`` where supported (SM80+ bfloat16).
+    - Else (CPU, or dtypes ``_grouped_mm`` lacks), as measured on CPU (``bench_torch.py``, 1 and
+      2 threads): ``loop`` above ``PADDED_MAX_SLOTS`` slots; below, bfloat16 / float16 take
+      ``grouped_mm`` where supported (CPU ``bmm`` of half types over strided weights is slow);
+      float32 with several threads takes ``padded`` up to ``PADDED_ROWS_PER_EXPERT`` * E slots
+      (``bmm`` spreads the experts over the threads; the grouped kernel's small per-expert GEMMs
+      do not), ``grouped_mm`` above; with one thread ``grouped_mm``. Without ``_grouped_mm``
+      support, ``padded`` / ``loop`` stand in.
+    - ``padded`` gives way to ``loop`` when its :func:`expert_grid` would stream over twice the
+      used experts' weights.
     """
     gmm = grouped_mm_ok(x_TD, w)
     if torch.compiler.is_compiling():
@@ -214,16 +238,19 @@ def choose_experts_kernel(x_TD: torch.Tensor, w: ExpertsWeights, num_slots: int,
         return "grouped_mm"
     if num_slots > PADDED_MAX_SLOTS:
         return "loop"
-    E = w.w_in_EDN.shape[0]
-    if torch.get_num_threads() == 1 and x_TD.device.type == "cpu":
-        return "grouped_mm" if gmm and num_slots >= ONE_THREAD_GMM_ROWS * E else "loop"
-    if gmm and num_slots > PADDED_ROWS_PER_EXPERT * E:
+    half = x_TD.dtype in (torch.bfloat16, torch.float16)
+    if x_TD.device.type == "cpu" and (half or torch.get_num_threads() == 1):
+        return "grouped_mm" if gmm else "loop"
+    if gmm and num_slots > PADDED_ROWS_PER_EXPERT * w.w_in_EDN.shape[0]:
         return "grouped_mm"
-    if counts is not None and any(counts):
-        _, _, n = expert_grid(counts)
-        if n > 2 * sum(1 for c in counts if c):
-            return "loop"
-    return "padded"
+    return "loop" if counts is not None and _sparse_grid(counts) else "padded"
+
+
+def _sparse_grid(counts: Sequence[int]) -> bool:
+    """Whether ``padded`` would stream over twice the used experts' weights."""
+    if not any(counts):
+        return False
+    return expert_grid(counts)[2] > 2 * sum(1 for c in counts if c)
 
 
 def moe_router_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
@@ -240,24 +267,26 @@ def moe_router_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
     ids_TK = top_k_index
     if self._is_expert_parallel:  # ids >= E belong to other ranks: unused here
         ids_TK = torch.where(ids_TK < E, ids_TK, -1)
-    unused_TK = ids_TK < 0
     perm = permutation(_B, ids_TK, E)
-    x_SD = x_TD[perm.token_S]
+    weights_TK = top_k_weights.masked_fill(ids_TK < 0, 0)
     chosen = kernel or choose_experts_kernel(x_TD, w, T * K)
-    if chosen in ("grouped_mm", "fallback"):
-        out_SD = grouped_rows(self, x_SD, perm, w, chosen)
-    else:
+    static = chosen == "fallback" or (chosen == "grouped_mm" and (
+        x_TD.device.type != "cpu" or torch.compiler.is_compiling()))
+    if static:  # all S rows, no host read
+        out_RD = grouped_rows(self, x_TD[perm.token_S], perm, w, chosen)
+    else:  # only the U used rows (host-read counts)
         counts = perm.counts_E.tolist()
-        kernel = kernel or choose_experts_kernel(x_TD, w, T * K, counts)
-        if not any(counts):
-            out_SD = x_SD.new_zeros((T * K, w.w_out_EFD.shape[-1]))
-        elif kernel == "padded":
-            out_SD = padded_rows(self, x_SD, perm, w, counts)
+        if kernel is None and chosen == "padded" and _sparse_grid(counts):
+            chosen = "loop"
+        x_UD = x_TD[perm.token_S[:sum(counts)]]
+        if not x_UD.shape[0]:
+            out_RD = x_UD.new_zeros((0, w.w_out_EFD.shape[-1]))
+        elif chosen == "grouped_mm":
+            out_RD = grouped_rows(self, x_UD, perm, w, tail=False)
         else:
-            out_SD = loop_rows(self, x_SD, perm, w, counts)
-    out_TKD = out_SD[perm.inverse_S].view(T, K, out_SD.shape[-1])
-    weights_TK1 = top_k_weights.masked_fill(unused_TK, 0)[..., None]
-    y_TD = (out_TKD * weights_TK1).sum(dim=1)
+            out_RD = (padded_rows if chosen == "padded" else loop_rows)(self, x_UD, perm, w,
+                                                                         counts)
+    y_TD = combine(out_RD, perm, weights_TK, T)
     return y_TD if y_TD.dtype == hidden_states.dtype else y_TD.to(hidden_states.dtype)
 
 
@@ -301,30 +330,26 @@ def use_moe_router_experts(model: nn.Module) -> int:
 
 
 class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Registers ``"moe_router"`` right after ``transformers.integrations.moe`` is imported
-    (then leaves ``sys.meta_path``), so the name works whatever the import order."""
+    """Registers ``"moe_router"`` right after ``transformers.integrations.moe`` is imported,
+    then leaves ``sys.meta_path``: the name works whatever the import order."""
 
     def find_spec(self, fullname: str, path: Sequence[str] | None,
                   target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
         if fullname != _MOE_MODULE:
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
+        for finder in sys.meta_path:  # the spec the others would give, its loader wrapped
+            find = None if finder is self else getattr(finder, "find_spec", None)
             spec = find(fullname, path, target) if find is not None else None
             if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _RegisteringLoader(spec.loader)
-        return spec
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _RegisteringLoader(spec.loader, self)
+                return spec
+        return None
 
 
 class _RegisteringLoader(importlib.abc.Loader):
-    def __init__(self, loader: Any) -> None:
-        self._loader = loader
+    def __init__(self, loader: Any, finder: _RegisterOnImport) -> None:
+        self._loader, self._finder = loader, finder
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self._loader.create_module(spec)
@@ -335,6 +360,8 @@ class _RegisteringLoader(importlib.abc.Loader):
             module.__spec__.loader = self._loader
         self._loader.exec_module(module)
         register_hf_experts()
+        if self._finder in sys.meta_path:
+            sys.meta_path.remove(self._finder)
 
 
 def register_hf_experts_lazily() -> None:

@@ -170,29 +170,22 @@ def _assert_same(ours: tuple, ref: tuple) -> None:
 
 
 # ----- the experts module ------------------------------------------------------------------------
+@pytest.mark.parametrize("unused", [False, True], ids=["full", "unused"])
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_output_and_gradients_match_eager(family: str, kernel: str) -> None:
+def test_output_and_gradients_match_eager(family: str, kernel: str, unused: bool) -> None:
+    """Output and gradients (input, routing weights, every parameter) equal eager's on the same
+    routing; with ``-1`` slots, eager's on that routing with them dropped by hand (and the ``-1``
+    slots get zero output and zero weight gradient)."""
     module = _experts(family)
-    x_TD, ids_TK, weights_TK = _routing(module)
-    ref = _grads(module, lambda m, *a: _call(m, "eager", *a), x_TD, ids_TK, weights_TK)
+    x_TD, ids_TK, weights_TK = _routing(module, unused=unused)
+    eager = _dropped_by_hand if unused else (lambda m, *a: _call(m, "eager", *a))
+    ref = _grads(module, eager, x_TD, ids_TK, weights_TK)
     ours = _grads(module, lambda m, *a: _ours(m, kernel, *a), x_TD, ids_TK, weights_TK)
     _assert_same(ours, ref)
+    if unused:
+        assert ours[0][2].abs().max() == 0 and ours[1]["weights"][ids_TK < 0].abs().max() == 0
     with torch.no_grad():  # the inference fast paths (raw grouped kernel)
-        torch.testing.assert_close(_ours(module, kernel, x_TD, ids_TK, weights_TK), ref[0],
-                                   atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_unused_slots_match_eager_with_them_dropped(family: str, kernel: str) -> None:
-    module = _experts(family)
-    x_TD, ids_TK, weights_TK = _routing(module, unused=True)
-    ref = _grads(module, _dropped_by_hand, x_TD, ids_TK, weights_TK)
-    ours = _grads(module, lambda m, *a: _ours(m, kernel, *a), x_TD, ids_TK, weights_TK)
-    _assert_same(ours, ref)
-    assert ours[0][2].abs().max() == 0 and ours[1]["weights"][ids_TK < 0].abs().max() == 0
-    with torch.no_grad():
         torch.testing.assert_close(_ours(module, kernel, x_TD, ids_TK, weights_TK), ref[0],
                                    atol=1e-5, rtol=1e-5)
 
@@ -239,17 +232,58 @@ def test_padded_over_strided_expert_grids(experts: tuple[int, ...], kernel: str)
     """Decode-like routings whose used experts are evenly spaced (a strided view of the weights),
     or not (the used range), on GPT-OSS (biases)."""
     module = _experts("gpt_oss")
-    module.gate_up_proj.data = torch.randn(8, *module.gate_up_proj.shape[1:])
-    module.gate_up_proj_bias.data = torch.randn(8, module.gate_up_proj_bias.shape[1])
-    module.down_proj.data = torch.randn(8, *module.down_proj.shape[1:]) * 0.2
-    module.down_proj_bias.data = torch.randn(8, module.down_proj_bias.shape[1])
+    for name, p in list(module.named_parameters()):  # 8 experts
+        setattr(module, name, torch.nn.Parameter(p.new_empty((8, *p.shape[1:]))))
     module.num_experts = 8
+    _randomize(module, seed=2)  # small values: far from the clamps of GPT-OSS's gate
     x_TD, _, weights_TK = _routing(module, T=3, K=2)
     ids_TK = torch.tensor(experts * 6)[:6].view(3, 2)
     ids_TK[1, 1] = -1
     ref = _grads(module, _dropped_by_hand, x_TD, ids_TK, weights_TK)
     _assert_same(_grads(module, lambda m, *a: _ours(m, kernel, *a), x_TD, ids_TK, weights_TK),
                  ref)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("family", ["gpt_oss", "muse_spark", "nemotron_h"])
+def test_static_path_as_on_cuda(family: str, grad: bool) -> None:
+    """The CUDA / compile path on CPU: all S rows through the grouped kernel (raw, or our custom
+    op with autograd), unused slots in the tail, then the deterministic gather + sum."""
+    module = _experts(family)
+    x_TD, ids_TK, weights_TK = _routing(module, unused=True)
+
+    def static(m, x_TD, ids_TK, weights_TK):
+        perm = hx.permutation(hx._B, ids_TK, m.num_experts)
+        out_SD = hx.grouped_rows(m, x_TD[perm.token_S], perm, hx.experts_weights(m))
+        return hx.combine(out_SD, perm, weights_TK.masked_fill(ids_TK < 0, 0), x_TD.shape[0],
+                          index_add=False)
+
+    ref = _grads(module, _dropped_by_hand, x_TD, ids_TK, weights_TK)
+    if grad:
+        _assert_same(_grads(module, static, x_TD, ids_TK, weights_TK), ref)
+    else:
+        with torch.no_grad():
+            out = static(module, x_TD, ids_TK, weights_TK)
+        torch.testing.assert_close(out, ref[0], atol=1e-5, rtol=1e-5)
+
+
+def test_combine_gather_path_equals_index_add_path() -> None:
+    """The deterministic gather + sum over K (the GPU path) and the CPU index-add agree, with
+    unused slots and fewer computed rows than slots."""
+    gen = torch.Generator().manual_seed(4)
+    ids_TK = torch.randint(0, 4, (9, 3), generator=gen)
+    ids_TK[ids_TK == 2] = -1
+    perm = hx.permutation(hx._B, ids_TK, 4)
+    used = int(perm.counts_E.sum())
+    out_UD = torch.randn(used, 5, generator=gen)
+    weights_TK = torch.rand(9, 3, generator=gen).masked_fill(ids_TK < 0, 0)
+    scattered = hx.combine(out_UD, perm, weights_TK, 9, index_add=True)
+    gathered = hx.combine(out_UD, perm, weights_TK, 9, index_add=False)
+    torch.testing.assert_close(gathered, scattered)
+    expected = torch.zeros(9, 5)
+    for row, slot in enumerate(perm.order_S[:used].tolist()):
+        expected[slot // 3] += weights_TK.reshape(-1)[slot] * out_UD[row]
+    torch.testing.assert_close(gathered, expected)
 
 
 def test_policy() -> None:
@@ -272,9 +306,10 @@ def test_policy() -> None:
         w64 = hx.ExpertsWeights(*(None if v is None else v.double() for v in w))
         assert choose(x_TD.double(), w64, 8) == "padded"
         assert choose(x_TD.double(), w64, hx.PADDED_ROWS_PER_EXPERT * 4 + 1) == "padded"
-        torch.set_num_threads(1)  # one thread: loop, then the CPU grouped kernel
-        assert choose(x_TD, w, 2, [0, 1, 0, 1]) == "loop"
-        assert choose(x_TD, w, hx.ONE_THREAD_GMM_ROWS * 4) == "grouped_mm"
+        w16 = hx.ExpertsWeights(*(None if v is None else v.bfloat16() for v in w))
+        assert choose(x_TD.bfloat16(), w16, 2, [0, 1, 0, 1]) == "grouped_mm"
+        torch.set_num_threads(1)  # one thread: the CPU grouped kernel
+        assert choose(x_TD, w, 2, [0, 1, 0, 1]) == "grouped_mm"
         assert choose(x_TD.double(), w64, 8) == "loop"
         assert choose(x_TD, w, hx.PADDED_MAX_SLOTS + 1) == "loop"
     finally:
@@ -372,13 +407,15 @@ def test_use_moe_router_experts_on_a_block_and_refusal() -> None:
 
 
 def test_import_registers_lazily_without_importing_transformers() -> None:
-    code = ("import sys, moe_router.torch\n"
+    code = ("import importlib.util, sys, moe_router.torch\n"
             "assert 'transformers' not in sys.modules\n"
             "import transformers\n"
+            "importlib.util.find_spec('transformers.integrations.moe')  # a probe: no import\n"
             "from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS as F\n"
             "import transformers.integrations.moe as m\n"
-            "print('moe_router' in F, type(m.__loader__).__name__)")
+            "hooks = [f for f in sys.meta_path if 'RegisterOnImport' in type(f).__name__]\n"
+            "print('moe_router' in F, type(m.__loader__).__name__, len(hooks))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["True", "SourceFileLoader"]
+    assert result.stdout.split() == ["True", "SourceFileLoader", "0"]
