@@ -15,7 +15,8 @@ with ``(hidden_states (T, D), top_k_index (T, K), top_k_weights (T, K))``.
   ``grouped_mm`` (``torch._grouped_mm``; through our ``moe_router::grouped_mm`` custom op when
   autograd or ``torch.compile`` needs it), ``padded`` (one ``bmm`` over an ``(n, C, D)``
   buffer of the used experts), ``loop`` (per-expert matmuls), or under ``torch.compile`` without
-  ``_grouped_mm`` support transformers' own opaque ``grouped_mm_fallback`` op;
+  ``_grouped_mm`` support transformers' own opaque ``grouped_mm_fallback`` op; a single token
+  (decode) skips the sort (``decode``);
 - numerics as transformers' ``grouped_mm``: activations cast to the weights' dtype, outputs times
   the routing weights (torch's type promotion: float32 weights on bfloat16 experts sum in
   float32), summed per token (:func:`combine`), cast to ``hidden_states``' dtype.
@@ -30,7 +31,7 @@ import importlib.abc
 import importlib.machinery
 import itertools
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -49,7 +50,7 @@ NAME = "moe_router"
 #: the module holding ``ALL_EXPERTS_FUNCTIONS``
 _MOE_MODULE = "transformers.integrations.moe"
 #: kernels :func:`choose_experts_kernel` may answer
-KERNELS = ("grouped_mm", "padded", "loop", "fallback")
+KERNELS = ("grouped_mm", "padded", "loop", "decode", "fallback")
 #: CPU, several threads: ``padded`` up to this many slots per expert, then ``grouped_mm``
 PADDED_ROWS_PER_EXPERT = 32
 _GMM_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -59,19 +60,16 @@ Mm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class ExpertsWeights(NamedTuple):
-    """An experts module's tensors as views in the ``x @ w`` layout.
+    """An experts module's tensors as views in the ``x @ w`` layout (biases may be ``None``)."""
 
-    Attributes:
-        w_in_EDN: ``gate_up_proj`` (N = 2F) or ``up_proj`` (N = F) as ``(E, D, N)``.
-        b_in_EN: its bias ``(E, N)`` or ``None``.
-        w_out_EFD: ``down_proj`` as ``(E, F, D)``.
-        b_out_ED: its bias ``(E, D)`` or ``None``.
-    """
-
-    w_in_EDN: torch.Tensor
+    w_in_EDN: torch.Tensor  # gate_up_proj (N = 2F) or up_proj (N = F)
     b_in_EN: torch.Tensor | None
-    w_out_EFD: torch.Tensor
+    w_out_EFD: torch.Tensor  # down_proj
     b_out_ED: torch.Tensor | None
+
+    def pick(self, index: Any) -> ExpertsWeights:
+        """The experts at ``index`` (an int or a slice: views)."""
+        return ExpertsWeights(*(None if t is None else t[index] for t in self))
 
 
 def experts_weights(experts: nn.Module) -> ExpertsWeights:
@@ -154,42 +152,103 @@ def padded_rows(experts: nn.Module, x_UD: torch.Tensor, perm: Permutation, w: Ex
     rank_U = torch.arange(x_UD.shape[0], device=x_UD.device) - start_n[slot_U]
     x_nCD = x_UD.new_zeros((n, max(counts), x_UD.shape[1])).index_put((slot_U, rank_U), x_UD)
     end = first + (n - 1) * step + 1
-    w_grid = ExpertsWeights(*(None if t is None else t[first:end:step] for t in w))
+    w_grid = w.pick(slice(first, end, step))
     b_in, b_out = (None if b is None else b[:, None, :] for b in w_grid[1::2])
     return _ffn(experts, x_nCD, w_grid, torch.bmm, torch.bmm, b_in, b_out)[slot_U, rank_U]
+
+
+def _loop_pieces(experts: nn.Module, rows: Callable[[int, int], torch.Tensor],
+                 w: ExpertsWeights, counts: Sequence[int]) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, output rows)`` of each used expert's FFN on its slice ``rows(a, b)`` of
+    the sorted rows."""
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            w_e = w.pick(e)
+            yield start, _ffn(experts, rows(start, start + count), w_e, torch.matmul,
+                              torch.matmul, w_e.b_in_EN, w_e.b_out_ED)
+        start += count
 
 
 def loop_rows(experts: nn.Module, x_UD: torch.Tensor, perm: Permutation, w: ExpertsWeights,
               counts: Sequence[int]) -> torch.Tensor:
     """``loop``: each used expert's FFN on its contiguous slice of the U used rows; returns
     the U output rows."""
-    pieces, start = [], 0
-    for e, count in enumerate(counts):
-        if count:
-            w_e = ExpertsWeights(*(None if t is None else t[e] for t in w))
-            pieces.append(_ffn(experts, x_UD[start:start + count], w_e, torch.matmul,
-                               torch.matmul, w_e.b_in_EN, w_e.b_out_ED))
-        start += count
+    pieces = [out for _, out in _loop_pieces(experts, lambda a, b: x_UD[a:b], w, counts)]
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def loop_combined(experts: nn.Module, x_TD: torch.Tensor, perm: Permutation,
+                  w: ExpertsWeights, counts: Sequence[int],
+                  weights_TK: torch.Tensor) -> torch.Tensor:
+    """``loop`` fused with the gather and the index-add :func:`combine` (CPU): each expert
+    gathers its token rows, and its outputs are scaled and added into their tokens while still
+    in cache; returns ``y_TD``."""
+    dtype = torch.promote_types(x_TD.dtype, weights_TK.dtype)
+    weights_U1 = weights_TK.reshape(-1)[perm.order_S[:sum(counts)], None].to(dtype)
+    y_TD = x_TD.new_zeros((x_TD.shape[0], w.w_out_EFD.shape[-1]), dtype=dtype)
+    rows = lambda a, b: x_TD[perm.token_S[a:b]]  # noqa: E731
+    for start, out in _loop_pieces(experts, rows, w, counts):
+        stop = start + out.shape[0]
+        y_TD.index_add_(0, perm.token_S[start:stop], _scaled(out, weights_U1[start:stop]))
+    return y_TD
+
+
+def _scaled(out_ND: torch.Tensor, weights_N1: torch.Tensor) -> torch.Tensor:
+    """Rows times weights in the weights' (promoted) dtype: cast first, then scale in place (a
+    mixed-dtype multiply is ~4x slower on CPU)."""
+    if out_ND.dtype == weights_N1.dtype:
+        return out_ND * weights_N1
+    return out_ND.to(weights_N1.dtype).mul_(weights_N1)
+
+
+def decode_tokens(experts: nn.Module, x_TD: torch.Tensor, ids_TK: torch.Tensor,
+                  weights_TK: torch.Tensor, w: ExpertsWeights) -> torch.Tensor:
+    """``decode``: no sort; each token's used experts (indices read on the host), as one
+    ``bmm`` over a strided view of their weights when evenly spaced (float32 / float64, several
+    threads), else per-expert matmuls; then the token's weighted sum. For T = 1."""
+    dtype = torch.promote_types(x_TD.dtype, weights_TK.dtype)
+    spread = torch.get_num_threads() > 1 and x_TD.dtype in (torch.float32, torch.float64)
+    rows = []
+    for t, ids_K in enumerate(ids_TK.tolist()):
+        used = sorted((e, k) for k, e in enumerate(ids_K) if e >= 0)
+        if not used:
+            rows.append(x_TD.new_zeros((1, w.w_out_EFD.shape[-1]), dtype=dtype))
+            continue
+        es = [e for e, _ in used]
+        step = es[1] - es[0] if len(es) > 1 else 0
+        if spread and step > 0 and all(b - a == step for a, b in zip(es, es[1:])):
+            w_n = w.pick(slice(es[0], es[-1] + 1, step))
+            b_in, b_out = (None if b is None else b[:, None, :] for b in w_n[1::2])
+            out_nD = _ffn(experts, x_TD[t].expand(len(es), 1, -1), w_n, torch.bmm, torch.bmm,
+                          b_in, b_out)[:, 0]
+        else:
+            w_e = [w.pick(e) for e in es]
+            out_nD = torch.cat([_ffn(experts, x_TD[t:t + 1], we, torch.matmul, torch.matmul,
+                                     we.b_in_EN, we.b_out_ED) for we in w_e])
+        weights_n1 = weights_TK[t, [k for _, k in used], None].to(dtype)
+        rows.append((out_nD.to(dtype) * weights_n1).sum(dim=0, keepdim=True))
+    return torch.cat(rows) if rows else x_TD.new_zeros((0, w.w_out_EFD.shape[-1]), dtype=dtype)
+
+
+def on_host(x: torch.Tensor) -> bool:
+    """CPU: host reads are free and ``index_add_`` is deterministic, so the sorted paths use
+    only the used rows, fuse ``loop`` with the combine, and index-add (tests patch this to run
+    the device paths on CPU)."""
+    return x.device.type == "cpu"
 
 
 def combine(out_RD: torch.Tensor, perm: Permutation, weights_TK: torch.Tensor,
             num_tokens: int, index_add: bool | None = None) -> torch.Tensor:
     """``y_TD``: each of the first R sorted rows times its slot's weight, summed into its
-    token (rows beyond R, and zero-weight slots, contribute nothing). ``index_add`` (default: on
-    CPU) index-adds the scaled rows (deterministic on CPU, and about 2x faster than the gather
-    at T = 4096); else they are gathered back through the inverse permutation and summed over K,
-    as transformers' ``grouped_mm`` does (deterministic on every device: no atomics)."""
+    token (rows beyond R, and zero-weight slots, contribute nothing). ``index_add`` (default:
+    :func:`on_host`) index-adds the scaled rows (2x faster than the gather at T = 4096); else
+    they are gathered back through the inverse permutation and summed over K, as transformers'
+    ``grouped_mm`` does (deterministic on every device: no atomics)."""
     R, D = out_RD.shape
-    if index_add is None:
-        index_add = out_RD.device.type == "cpu"
-    if index_add:
+    if index_add if index_add is not None else on_host(out_RD):
         dtype = torch.promote_types(out_RD.dtype, weights_TK.dtype)
-        weights_R1 = weights_TK.reshape(-1)[perm.order_S[:R], None].to(dtype)
-        if out_RD.dtype == dtype:
-            weighted_RD = out_RD * weights_R1
-        else:  # cast, then scale in place: a mixed-dtype multiply is ~4x slower on CPU
-            weighted_RD = out_RD.to(dtype).mul_(weights_R1)
+        weighted_RD = _scaled(out_RD, weights_TK.reshape(-1)[perm.order_S[:R], None].to(dtype))
         return weighted_RD.new_zeros((num_tokens, D)).index_add_(0, perm.token_S[:R],
                                                                   weighted_RD)
     S = perm.order_S.shape[0]
@@ -221,6 +280,7 @@ def choose_experts_kernel(x_TD: torch.Tensor, w: ExpertsWeights, num_slots: int,
 
     - ``torch.compile``: ``grouped_mm`` where supported, else ``fallback`` (static shapes).
     - Eager, CUDA: ``grouped_mm`` where supported (SM80+ bfloat16).
+    - Else ``decode`` for a single token (no sort: fewest ops, for decode steps).
     - Else (CPU, or dtypes ``_grouped_mm`` lacks), as measured on CPU (``bench_torch.py``, 1 and
       2 threads): ``loop`` above ``PADDED_MAX_SLOTS`` slots; below, bfloat16 / float16 take
       ``grouped_mm`` where supported (CPU ``bmm`` of half types over strided weights is slow);
@@ -236,6 +296,8 @@ def choose_experts_kernel(x_TD: torch.Tensor, w: ExpertsWeights, num_slots: int,
         return "grouped_mm" if gmm else "fallback"
     if gmm and x_TD.device.type != "cpu":
         return "grouped_mm"
+    if x_TD.shape[0] == 1:
+        return "decode"
     if num_slots > PADDED_MAX_SLOTS:
         return "loop"
     half = x_TD.dtype in (torch.bfloat16, torch.float16)
@@ -260,34 +322,45 @@ def moe_router_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
     experts module ``self``; ``top_k_index`` may hold ``-1`` (unused slots). ``kernel`` forces
     one of :data:`KERNELS` (tests, benchmarks)."""
     T, K = top_k_index.shape
-    E = int(self.num_experts)
     w = experts_weights(self)
     dtype = w.w_in_EDN.dtype
     x_TD = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)
     ids_TK = top_k_index
     if self._is_expert_parallel:  # ids >= E belong to other ranks: unused here
-        ids_TK = torch.where(ids_TK < E, ids_TK, -1)
-    perm = permutation(_B, ids_TK, E)
-    weights_TK = top_k_weights.masked_fill(ids_TK < 0, 0)
+        ids_TK = torch.where(ids_TK < self.num_experts, ids_TK, -1)
     chosen = kernel or choose_experts_kernel(x_TD, w, T * K)
-    static = chosen == "fallback" or (chosen == "grouped_mm" and (
-        x_TD.device.type != "cpu" or torch.compiler.is_compiling()))
-    if static:  # all S rows, no host read
-        out_RD = grouped_rows(self, x_TD[perm.token_S], perm, w, chosen)
+    if chosen == "decode":
+        y_TD = decode_tokens(self, x_TD, ids_TK, top_k_weights, w)
+    else:
+        y_TD = _sorted_forward(self, x_TD, ids_TK, top_k_weights, w, chosen, kernel is None)
+    return y_TD if y_TD.dtype == hidden_states.dtype else y_TD.to(hidden_states.dtype)
+
+
+def _sorted_forward(experts: nn.Module, x_TD: torch.Tensor, ids_TK: torch.Tensor,
+                    weights_TK: torch.Tensor, w: ExpertsWeights, kernel: str,
+                    auto: bool) -> torch.Tensor:
+    """Slots sorted by expert (the core's permutation), ``kernel`` on the sorted rows,
+    :func:`combine`."""
+    perm = permutation(_B, ids_TK, int(experts.num_experts))
+    weights_TK = weights_TK.masked_fill(ids_TK < 0, 0)
+    if kernel == "fallback" or (kernel == "grouped_mm" and (
+            not on_host(x_TD) or torch.compiler.is_compiling())):
+        out_RD = grouped_rows(experts, x_TD[perm.token_S], perm, w, kernel)  # S rows, no sync
     else:  # only the U used rows (host-read counts)
         counts = perm.counts_E.tolist()
-        if kernel is None and chosen == "padded" and _sparse_grid(counts):
-            chosen = "loop"
+        if auto and kernel == "padded" and _sparse_grid(counts):
+            kernel = "loop"
+        if kernel == "loop" and on_host(x_TD) and any(counts):
+            return loop_combined(experts, x_TD, perm, w, counts, weights_TK)
         x_UD = x_TD[perm.token_S[:sum(counts)]]
         if not x_UD.shape[0]:
             out_RD = x_UD.new_zeros((0, w.w_out_EFD.shape[-1]))
-        elif chosen == "grouped_mm":
-            out_RD = grouped_rows(self, x_UD, perm, w, tail=False)
+        elif kernel == "grouped_mm":
+            out_RD = grouped_rows(experts, x_UD, perm, w, tail=False)
         else:
-            out_RD = (padded_rows if chosen == "padded" else loop_rows)(self, x_UD, perm, w,
-                                                                         counts)
-    y_TD = combine(out_RD, perm, weights_TK, T)
-    return y_TD if y_TD.dtype == hidden_states.dtype else y_TD.to(hidden_states.dtype)
+            rows = padded_rows if kernel == "padded" else loop_rows
+            out_RD = rows(experts, x_UD, perm, w, counts)
+    return combine(out_RD, perm, weights_TK, x_TD.shape[0])
 
 
 # ----- registration ------------------------------------------------------------------------------
