@@ -10,6 +10,9 @@ from typing import Any
 import keras
 import numpy as np
 
+from moe_router.debug.analyzer import layer_metrics
+from moe_router.debug.counters import FIELDS, mode_row
+from moe_router.debug.readout import delta_counts
 from moe_router.errors import InputError
 from moe_router.layer.state import OBSERVER_PREFIX, observer_names
 
@@ -17,9 +20,7 @@ from .layers import MoE
 
 STATS = "routing_stats"
 _STATS_PREFIX = f"{OBSERVER_PREFIX}{STATS}."
-#: the counters MoEMetrics reads (train row only)
-_INT_FIELDS = ("calls", "tokens", "expert_tokens", "dropped", "k_hist")
-_FLOAT_FIELDS = ("aux_loss_sum",)
+_TRAIN = mode_row("train")
 
 
 def find_moe_layers(model: Any) -> list[tuple[str, MoE]] | None:
@@ -50,39 +51,32 @@ def _stats_on(layer: MoE) -> bool:
     return bool(observer_names(layer.config, STATS))
 
 
-def _train_row(layer: MoE) -> dict[str, np.ndarray] | None:
-    """The train row (row 0) of ``layer``'s ``routing_stats`` counters, or ``None`` (off)."""
+def _counters(layer: MoE) -> dict[str, np.ndarray] | None:
+    """``layer``'s ``routing_stats`` counters (both mode rows), or ``None`` when off."""
     if not (layer.built and _stats_on(layer)):
         return None
-    state = layer._state
-    return {name: np.asarray(state[_STATS_PREFIX + name].numpy()[0])
-            for name in (*_INT_FIELDS, *_FLOAT_FIELDS)}
+    return {name: np.asarray(layer._state[_STATS_PREFIX + name].numpy()) for name in FIELDS}
 
 
-def _delta(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray] | None
-           ) -> dict[str, np.ndarray]:
-    """``new - old``; int32 counts as differences modulo 2**32 (they wrap) into int64."""
-    if old is None:
-        old = {name: np.zeros_like(value) for name, value in new.items()}
-    out = {name: (new[name].astype(np.int64) - old[name].astype(np.int64)) % 2**32
-           for name in _INT_FIELDS}
-    out.update({name: np.float64(new[name]) - np.float64(old[name]) for name in _FLOAT_FIELDS})
-    return out
+def _train_delta(now: Mapping[str, np.ndarray],
+                 start: Mapping[str, np.ndarray] | None) -> dict[str, Any]:
+    """The LAYER_COUNTS the training row gained since ``start`` (wrap-safe, as the debugger
+    reads them)."""
+    return delta_counts(now, start or {k: np.zeros_like(v) for k, v in now.items()}, _TRAIN)
 
 
-def epoch_metrics(deltas: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """The :class:`MoEMetrics` values from each layer's train-row counter deltas (layers that
-    made no training call are left out; NaN when none made one)."""
+def epoch_metrics(deltas: list[dict[str, Any]]) -> dict[str, float]:
+    """The :class:`MoEMetrics` values from each layer's train-row LAYER_COUNTS (layers that made
+    no training call are left out; NaN when none made one). The per-layer numbers are the
+    analyzer's (:func:`moe_router.debug.analyzer.layer_metrics`)."""
     seen = [d for d in deltas if d["calls"] > 0]
-    load_ratios = [float(d["expert_tokens"].max() / d["expert_tokens"].mean()) for d in seen
-                   if d["expert_tokens"].sum() > 0]
-    experts = [float((np.arange(d["k_hist"].size) * d["k_hist"]).sum() / d["tokens"])
-               for d in seen if d["tokens"] > 0]
+    metrics = [layer_metrics(d) for d in seen]
+    load_ratios = [m["max_over_mean"] for m in metrics if m["max_over_mean"] is not None]
+    experts = [m["mean_experts"] for m in metrics if m["mean_experts"] is not None]
     nan = math.nan
     return {
         "moe_max_over_mean_load": float(np.mean(load_ratios)) if load_ratios else nan,
-        "moe_aux_loss": float(sum(d["aux_loss_sum"] / d["calls"] for d in seen)) if seen
-        else nan,
+        "moe_aux_loss": float(sum(m["mean_aux_loss"] for m in metrics)) if seen else nan,
         "moe_mean_experts": float(np.mean(experts)) if experts else nan,
         "moe_dropped": float(sum(int(d["dropped"]) for d in seen)) if seen else nan,
     }
@@ -131,15 +125,15 @@ class MoEMetrics(keras.callbacks.Callback):
             self.model.make_train_function(force=True)
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
-        self._start = [_train_row(layer) for layer in self._layers]
+        self._start = [_counters(layer) for layer in self._layers]
         self._iterations = self._optimizer_steps()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         deltas = []
         for layer, start in zip(self._layers, self._start):
-            row = _train_row(layer)
-            if row is not None:
-                deltas.append(_delta(row, start))
+            now = _counters(layer)
+            if now is not None:
+                deltas.append(_train_delta(now, start))
         if self._optimizer_steps() > self._iterations and not any(d["calls"] for d in deltas):
             raise InputError("model", "the training steps of this epoch did not update the MoE "
                              "layers' routing_stats counters (fit kept a train function made "
