@@ -31,7 +31,7 @@ from moe_router.api import route
 from moe_router.complexity import init_router_state
 from moe_router.config import MoEConfig, RouterConfig
 from moe_router.errors import InputError
-from moe_router.layer.observers import StepEvent, active_observers
+from moe_router.layer.observers import StepEvent, update_observers
 from moe_router.layer.state import (
     OBSERVER_PREFIX,
     observer_names,
@@ -109,12 +109,9 @@ class GateRouting:
             values.setdefault(observer, {})[field] = tensor
         event = StepEvent(plan=plan, training=self.gate.training,
                           update_state=self.gate.training, mask_T=None, config=self._moe)
-        for observer in active_observers(self._moe):
-            if not (observer.observes_inference or event.update_state):
-                continue
-            new = observer.update(_TORCH, values[observer.name], event)
-            for field, value in new.items():
-                self.state[f"{OBSERVER_PREFIX}{observer.name}.{field}"] = value.detach()
+        for observer, fields in update_observers(_TORCH, values, event).items():
+            for field, value in fields.items():
+                self.state[f"{OBSERVER_PREFIX}{observer}.{field}"] = value.detach()
 
 
 def seam_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:

@@ -149,6 +149,15 @@ class ExpertLoad:
         return {"counts": values["counts"] + counts}
 
 
+def update_observers(b: Backend, values: Mapping[str, Mapping[str, Array]],
+                     event: StepEvent) -> dict[str, dict[str, Array]]:
+    """Every active observer of ``event.config`` after one step: observer name -> its new field
+    values (``values`` holds the old ones, by observer name). The layer step and any other
+    routing site (e.g. a wrapped transformers gate) run their observers through this."""
+    return {observer.name: observer.update(b, values[observer.name], event)
+            for observer in active_observers(event.config)}
+
+
 def active_observers(config: MoEConfig) -> tuple[Any, ...]:
     """The observers of ``config``'s layer, sorted by name (resolved through the registry,
     remembered per config until a plugin is registered or removed)."""

@@ -31,7 +31,7 @@ from ..config import MoEConfig, RouterConfig
 from ..errors import InputError, InputTypeError
 from ..plan import RouterState, RoutingPlan
 from .experts import expert_compute, shared_expert
-from .observers import StepEvent, active_observers
+from .observers import StepEvent, active_observers, update_observers
 from .state import EXPERT_BIAS, OBSERVER_PREFIX, ROUTER_STATE, LayerState
 
 #: per-token inputs of the layer call and the route() argument each becomes
@@ -233,10 +233,9 @@ def layer_step(b: Backend, params: Mapping[str, Array], state: LayerState, x: Ar
                           mask_T=kwargs.get("mask_T"), config=config,
                           token_ids_T=kwargs.get("token_ids_T"),
                           seq_len=b.dim(x, rank - 2) if rank >= 3 else None)
-        for observer in observers:
-            observed[observer.name] = observer.update(b, state.observers[observer.name], event)
-            updated.extend(f"{OBSERVER_PREFIX}{observer.name}.{field}"
-                           for field in observed[observer.name])
+        for name, fields in update_observers(b, state.observers, event).items():
+            observed[name] = fields
+            updated.extend(f"{OBSERVER_PREFIX}{name}.{field}" for field in fields)
     if isinstance(T, int) and T == 0:
         y_TD = x_TD * 0.0
     else:
