@@ -24,6 +24,18 @@ from .registry import backend_for, default_registry, get_backend
 
 __version__ = "0.1.0"
 
+#: names loaded on first use (``moe_router.RouterFactory``), so ``import moe_router`` stays light
+_LAZY = {"RouterFactory": "moe_router.production", "ProductionRouter": "moe_router.production",
+         "ProductionSettings": "moe_router.production"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moe_router' has no attribute {name!r}")
+
 __all__ = [
     "Backend",
     "BackendNotFoundError",
@@ -32,7 +44,10 @@ __all__ = [
     "InputTypeError",
     "MoEConfig",
     "MoERouterError",
+    "ProductionRouter",
+    "ProductionSettings",
     "RouterConfig",
+    "RouterFactory",
     "RouterLosses",
     "RouterState",
     "RoutingPlan",

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from .config_io import (  # noqa: F401 - env_variables, ENV_ALIASES: public re-exports
     ENV_ALIASES,
+    LEGACY_ESTIMATORS,
     _from_env_values,
     _from_mapping,
     _load_json,
@@ -25,6 +26,7 @@ from .config_io import (  # noqa: F401 - env_variables, ENV_ALIASES: public re-e
     _section,
     env_variables,
 )
+from .envvars import warn_unknown_env
 from .errors import ConfigError, UnknownFieldError, UnknownNameError, closest
 from .layer.observers import TraceConfig
 from .registrar import StrategySpec
@@ -232,6 +234,12 @@ class RouterConfig:
                "complexity_estimator", self.complexity_estimator,
                f"a registered complexity_estimator; known: "
                f"{', '.join(registry.estimator_names())}")
+        if self.complexity_estimator in LEGACY_ESTIMATORS:
+            real, why = LEGACY_ESTIMATORS[self.complexity_estimator]
+            raise ConfigError("complexity_estimator", self.complexity_estimator,
+                              f"a registered estimator: use {real!r} ({why}); the production "
+                              f"router's config files and $MOE_COMPLEXITY_ESTIMATOR map the "
+                              f"older name for you")
         estimator = registry.estimator_spec(self.complexity_estimator)
         if self.complexity_spread is not None:
             _check(_is_number(self.complexity_spread) and self.complexity_spread > 0,
@@ -336,8 +344,11 @@ class RouterConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> RouterConfig:
-        """Build from ``MOE_*`` environment variables (see :func:`env_variables`)."""
+        """Build from ``MOE_*`` environment variables (see :func:`env_variables`); a ``MOE_*``
+        variable moe-router does not read warns (:class:`~moe_router.envvars.
+        UnknownEnvironmentWarning`), naming the closest real one."""
         env = os.environ if environ is None else environ
+        warn_unknown_env(env)
         return _from_env_values(cls, _read_env(cls, env), env, overrides)
 
     @classmethod
@@ -513,10 +524,12 @@ class MoEConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> MoEConfig:
         """Build from ``MOE_*`` variables: router fields and ``MOE_INPUT_DIM`` (d_model) etc."""
         env = os.environ if environ is None else environ
+        warn_unknown_env(env)
         values = _read_env(cls, env)
         values.pop("router", None)
         if "router" not in overrides:
-            values["router"] = RouterConfig.from_env(env)
+            values["router"] = _from_env_values(RouterConfig, _read_env(RouterConfig, env), env,
+                                                {})
         return _from_env_values(cls, values, env, overrides)
 
     @classmethod

@@ -24,6 +24,16 @@ ENV_ALIASES: dict[str, str] = {
 }
 
 
+#: Older estimator names, the estimator each one really was, and why.
+LEGACY_ESTIMATORS: dict[str, tuple[str, str]] = {
+    "gradient_norm": ("hidden_norm", "the older gradient_norm used the hidden-state norm when no "
+                      "gradients were given, and routing never has them: hidden_norm is that "
+                      "norm"),
+    "perplexity_proxy": ("router_entropy", "perplexity is exp(entropy) of the router "
+                         "distribution; k follows the score's rank, so entropy gives the same k"),
+}
+
+
 def env_variables(cls: Any) -> dict[str, str]:
     """Map of every environment variable ``from_env`` reads for ``cls`` -> field name."""
     names = {f.name for f in dataclasses.fields(cls) if f.name != "router"}

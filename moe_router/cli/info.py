@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import importlib.util
 import json
@@ -42,6 +43,8 @@ def _info() -> dict[str, Any]:
                "framework_installed": _installed(spec.framework)}
         for name, spec in sorted(collected.backends.items())
     }
+    from moe_router.envvars import env_table, unknown_env_variables
+
     env = {**env_variables(RouterConfig), **env_variables(MoEConfig)}
     return {
         "version": _version(),
@@ -52,6 +55,8 @@ def _info() -> dict[str, Any]:
         "estimators": sorted(collected.estimators),
         "frameworks": {name: _installed(name) for name in FRAMEWORKS},
         "env_variables": dict(sorted(env.items())),
+        "environment": [dataclasses.asdict(row) for row in env_table()],
+        "unknown_environment": unknown_env_variables(),
     }
 
 
@@ -66,9 +71,16 @@ def _print_info(info: dict[str, Any]) -> None:
     print("\nframeworks:")
     for name, ok in info["frameworks"].items():
         print(f"  {name:<12} {'yes' if ok else 'no'}")
-    print("\nenvironment variables (read by RouterConfig.from_env / MoEConfig.from_env):")
-    for env, field in info["env_variables"].items():
-        print(f"  {env:<28} -> {field}")
+    print("\nenvironment variables (every MOE_* variable moe-router reads):")
+    group = None
+    for row in info["environment"]:
+        if row["group"] != group:
+            group = row["group"]
+            print(f"  [{group}]")
+        print(f"  {row['name']:<28} {row['target']:<36} {row['meaning']}")
+    for name, hint in info["unknown_environment"].items():
+        print(f"\nwarning: ${name} is set but moe-router does not read it"
+              + (f" (did you mean ${hint}?)" if hint else ""))
 
 
 def _cmd_info(args: argparse.Namespace, rest: list[str]) -> int:

@@ -26,7 +26,7 @@ totals, so reading at least once per 2**31 tokens keeps them exact.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..backend import Array, Backend
 from ..layer.observers import COUNT_DTYPE, StateField, StepEvent
@@ -101,3 +101,30 @@ def mode_row(mode: str) -> int:
     """The row of ``mode`` (``"train"`` or ``"eval"``) in the counters."""
     return MODES.index(mode)
 
+
+
+def plan_counts(plan: Any, *, training: bool = False, mask_T: Array | None = None
+                ) -> dict[str, Any]:
+    """One routing call's LAYER_COUNTS (:mod:`moe_router.debug.session`) from its
+    :class:`~moe_router.RoutingPlan`, read on the host (eager only): the same increments the
+    ``routing_stats`` observer adds inside a layer, for routing done outside one (the production
+    router, :meth:`MoEDebugger.record_counts`)."""
+    from types import SimpleNamespace
+
+    from ..registry import backend_for
+
+    b = backend_for(plan.expert_indices)
+    r = plan.config
+    config = SimpleNamespace(router=r)
+    observer = RoutingCounters()
+    like = plan.expert_weights
+    zeros = {name: b.full(field.shape, 0, field.dtype, like=like)
+             for name, field in observer.fields(config).items()}  # type: ignore[arg-type]
+    event = SimpleNamespace(plan=plan, config=config, mask_T=mask_T, training=training)
+    row = mode_row("train" if training else "eval")
+    values = observer.update(b, zeros, event)  # type: ignore[arg-type]
+    out: dict[str, Any] = {}
+    for name in FIELDS:
+        value = b.to_numpy(values[name])[row]
+        out[name] = value.tolist() if getattr(value, "ndim", 0) else value.item()
+    return out

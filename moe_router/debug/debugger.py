@@ -335,6 +335,14 @@ class MoEDebugger:
 
         return serve_metrics(self.to_session, port=port, addr=addr, per_expert=per_expert)
 
+    def serve(self, port: int = 0, host: str = "127.0.0.1", **kw: Any) -> Any:
+        """The live monitoring server (``/metrics``, ``/health``, ``/api/session``, a live page at
+        ``/``) from a daemon thread: :func:`moe_router.server.serve` (``port=0``: a free one).
+        Returns its handle (``.url``, ``.port``, ``.close()``, a context manager)."""
+        from ..server import serve
+
+        return serve(self, port=port, host=host, **kw)
+
     def register_callback(self, event: str, fn: Callable[..., Any]) -> None:
         """Call ``fn(payload)`` on ``event``: ``session_start`` (name), ``session_end``
         (record), ``step`` (step record), ``issue`` (issue dict), ``event`` (manual event)."""
@@ -447,6 +455,25 @@ class MoEDebugger:
             self._totals[mode][layer] = add_counts(current, counts)
         self._fire("event", record)
         return record
+
+    def record_counts(self, counts: Mapping[str, Any], *, layer: int = 0, mode: str = "eval",
+                      framework: str | None = None) -> None:
+        """Add one routing call's LAYER_COUNTS (:func:`moe_router.debug.counters.plan_counts`)
+        to a model-less session: how routing done outside a layer (the production router)
+        reports, in bounded memory (no per-token events). ``framework`` marks the counts as
+        measured by a router, so entropy and losses are shown."""
+        if self.model is not None:
+            raise InputError("counts", "record_counts is for a debugger without a model; a "
+                             "model's layers count their own routing")
+        if mode not in MODES:
+            raise InputError("mode", f"expected 'train' or 'eval', got {mode!r}")
+        with self._lock:
+            if framework is not None and self.framework is None:
+                self.framework = framework
+            for totals in self._totals.values():
+                while len(totals) <= layer:
+                    totals.append(empty_counts(0, 0))
+            self._totals[mode][layer] = add_counts(self._totals[mode][layer], dict(counts))
 
     @property
     def layer_names(self) -> list[str]:
