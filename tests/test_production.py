@@ -224,7 +224,8 @@ def test_misspelled_variable_is_reported_with_the_real_name() -> None:
 
 def test_every_moe_variable_the_code_reads_is_in_the_table() -> None:
     read = set()
-    pattern = re.compile(r"""(?:environ(?:\.get)?\(?\[?|getenv\(|setdefault\()\s*["'](MOE_[A-Z0-9_]+)""")
+    pattern = re.compile(r"""(?:environ(?:\.get)?\(?\[?|getenv\(|setdefault\()"""
+                         r"""\s*["'](MOE_[A-Z0-9_]+)""")
     for folder in ("moe_router", "backends", "scripts", "benchmarks", "tests"):
         for path in (ROOT / folder).rglob("*.py"):
             read.update(pattern.findall(path.read_text()))
@@ -243,7 +244,7 @@ def test_info_lists_the_whole_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert {"MOE_MAX_BATCH_SIZE", "MOE_ENABLE_CACHING", "MOE_TOP_K"} <= listed
 
 
-# ----- route ---------------------------------------------------------------------------------------
+# ----- route -----------------------------------------------------------------------------------
 def _numpy_router() -> ProductionRouter:
     config = mr.RouterConfig(num_experts=8, strategy="top_p", top_p=0.5, max_experts=4)
     return ProductionRouter(RouterSpec(config, 16))
