@@ -149,3 +149,41 @@ def warn_unknown_env(environ: Mapping[str, str] | None = None, stacklevel: int =
     unknown = unknown_env_variables(environ)
     if unknown:
         warnings.warn(describe_unknown(unknown), UnknownEnvironmentWarning, stacklevel=stacklevel)
+
+
+# ----- the docs table --------------------------------------------------------------------------
+TABLE_START = "<!-- env-table:start (generated: python -m moe_router.envvars FILE) -->"
+TABLE_END = "<!-- env-table:end -->"
+
+
+def markdown_table() -> str:
+    """:func:`env_table` as a Markdown table (what ``docs/deployment.md`` embeds)."""
+    lines = ["| variable | sets | group | meaning |", "|---|---|---|---|"]
+    for row in env_table():
+        meaning = row.meaning.replace("|", "\\|")
+        lines.append(f"| `{row.name}` | `{row.target}` | {row.group} | {meaning} |")
+    return "\n".join(lines)
+
+
+def update_markdown(path: str) -> bool:
+    """Replace the table between :data:`TABLE_START` and :data:`TABLE_END` in ``path``;
+    returns whether the file changed."""
+    from pathlib import Path
+
+    file = Path(path)
+    text = file.read_text()
+    head, start, rest = text.partition(TABLE_START)
+    _, end, tail = rest.partition(TABLE_END)
+    if not start or not end:
+        raise ValueError(f"{path}: no {TABLE_START!r} ... {TABLE_END!r} markers")
+    new = f"{head}{TABLE_START}\n{markdown_table()}\n{TABLE_END}{tail}"
+    if new != text:
+        file.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m moe_router.envvars docs/deployment.md
+    import sys
+
+    for target in sys.argv[1:] or ["docs/deployment.md"]:
+        print(f"{target}: {'updated' if update_markdown(target) else 'up to date'}")

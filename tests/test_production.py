@@ -397,3 +397,11 @@ def test_concurrent_calls_equal_serial_calls() -> None:
     assert m["requests"] == 50 + 1600 and m["errors"] == 0 and m["tokens"] == 4 * 1650
     stats = router.debugger.get_routing_stats("eval")["overall"]
     assert stats["tokens"] == 4 * 1650
+
+
+def test_deployment_page_has_the_current_table() -> None:
+    from moe_router.envvars import TABLE_END, TABLE_START, markdown_table
+
+    page = (ROOT / "docs" / "deployment.md").read_text()
+    table = page.split(TABLE_START)[1].split(TABLE_END)[0].strip()
+    assert table == markdown_table(), "regenerate: python -m moe_router.envvars docs/deployment.md"
