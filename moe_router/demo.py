@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,10 +20,23 @@ from rich.console import Console
 from rich.table import Table
 
 from .api import route
+from .cli.common import (
+    choice_list,
+    native_logs_dropped,
+    non_negative_int,
+    positive_int,
+    quiet_frameworks,
+)
 from .config import RouterConfig
 
 NUM_EXPERTS = 8
 STATIC_K = 2
+#: the router logit distributions of :func:`realistic_logits`
+KINDS = ("normal", "skewed", "peaked", "low_rank")
+#: frameworks with a layer demo (``moe_router_backends.<name>.demo``)
+FRAMEWORKS = ("torch", "jax", "tensorflow")
+#: an absl / glog line (``I0000 00:00:1796245561.901085   11860 port.cc:153] ...``) or absl's
+#: notice that it logs to stderr before ``InitializeLog()``
 
 
 def realistic_logits(kind: str, num_tokens: int, num_experts: int, seed: int = 0) -> np.ndarray:
@@ -44,7 +56,7 @@ def realistic_logits(kind: str, num_tokens: int, num_experts: int, seed: int = 0
         hidden = rng.normal(size=(num_tokens, 16)) @ rng.normal(size=(16, 64))
         router = rng.normal(scale=0.05, size=(64, num_experts))
         return (hidden @ router).astype(np.float32)
-    raise ValueError(f"kind={kind!r}: expected normal, skewed, peaked or low_rank")
+    raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
 
 
 def demo_configs(num_experts: int = NUM_EXPERTS) -> dict[str, RouterConfig]:
@@ -99,43 +111,57 @@ def histogram_text(counts: Sequence[int]) -> str:
     return "k=" + " ".join(parts)
 
 
-def framework_demos(console: Console, only: Sequence[str] | None = None) -> None:
-    """Run each installed backend's ``run_demo`` (torch, jax, tensorflow)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-    for framework, module in (("torch", "moe_router_backends.torch.demo"),
-                              ("jax", "moe_router_backends.jax.demo"),
-                              ("tensorflow", "moe_router_backends.tensorflow.demo")):
+def framework_demos(console: Console, only: Sequence[str] | None = None, *,
+                    num_tokens: int = 512, seed: int = 0, verbose: bool = False) -> None:
+    """Run each installed backend's ``run_demo`` (torch, jax, tensorflow) on ``num_tokens``
+    tokens; their native start-up logging is dropped unless ``verbose``."""
+    for framework in FRAMEWORKS:
         if only is not None and framework not in only:
             continue
         if importlib.util.find_spec(framework) is None:
             console.print(f"[dim]{framework} is not installed: its layer demo is skipped[/dim]")
             continue
         try:
-            demo_module = importlib.import_module(module)
+            with native_logs_dropped(not verbose):
+                demo_module = importlib.import_module(f"moe_router_backends.{framework}.demo")
         except ModuleNotFoundError as err:
             console.print(f"[dim]{framework} layer demo not available ({err.name})[/dim]")
             continue
-        demo_module.run_demo(console)
+        demo_module.run_demo(console, num_tokens=num_tokens, seed=seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``moe-router demo`` options."""
+    parser = argparse.ArgumentParser(prog="moe-router demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=positive_int, default=4096,
+                        help="tokens per batch (T) of every table (default: %(default)s)")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--kinds", type=choice_list(KINDS), default=list(KINDS),
+                        help=f"comma list of logit distributions among {', '.join(KINDS)} "
+                             "(default: all)")
+    parser.add_argument("--frameworks", type=choice_list(FRAMEWORKS, allow_empty=True),
+                        default=list(FRAMEWORKS),
+                        help=f"comma list of framework layer demos among {', '.join(FRAMEWORKS)}"
+                             " ('' for none; default: all installed)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep the frameworks' own start-up logging and warnings")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moe-router demo", description=__doc__)
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per batch (T)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kinds", default="normal,skewed,peaked,low_rank",
-                        help="comma list of logit distributions")
-    parser.add_argument("--frameworks", default="torch,jax,tensorflow",
-                        help="comma list of framework layer demos to run ('' for none)")
-    args = parser.parse_args(argv)
+    """Run the demo with ``argv``; bad arguments exit with status 2 (``argparse``)."""
+    args = build_parser().parse_args(argv)
+    quiet_frameworks(args.verbose)  # before any framework is imported
     console = Console(width=None if Console().is_terminal else 130)
     console.print("[bold]moe-router demo[/bold]: mean k is experts/token actually computed "
                   "(null and dropped slots cost nothing); FLOPs are relative to static top-2 "
                   "and to running all experts.")
-    for kind in args.kinds.split(","):
-        console.print(routing_table(kind.strip(), args.tokens, args.seed))
-    frameworks = [f for f in args.frameworks.split(",") if f]
-    if frameworks:
-        framework_demos(console, frameworks)
+    for kind in args.kinds:
+        console.print(routing_table(kind, args.tokens, args.seed))
+    if args.frameworks:
+        framework_demos(console, args.frameworks, num_tokens=args.tokens, seed=args.seed,
+                        verbose=args.verbose)
     return 0
 
 

@@ -24,6 +24,7 @@ E, STATIC_K, D, FF, T = 8, 2, 64, 128, 512
 
 
 def demo_configs() -> dict[str, RouterConfig]:
+    """The strategies of the Flax table."""
     return {
         "top_k (k=2)": RouterConfig(num_experts=E, k=STATIC_K),
         "top_p (p=0.4)": RouterConfig(num_experts=E, strategy="top_p", top_p=0.4, max_experts=4),
@@ -50,10 +51,10 @@ def _layers(seed: int) -> tuple[list[str], list[MoE]]:
     return names, layers
 
 
-def run_demo(console: Console, seed: int = 0) -> None:
+def run_demo(console: Console, num_tokens: int = T, seed: int = 0) -> None:
     """Print one table: each strategy through the Flax layer, with parity vs NumPy."""
     names, layers = _layers(seed)
-    x = np.random.default_rng(seed + 1).standard_normal((T, D)).astype(np.float32)
+    x = np.random.default_rng(seed + 1).standard_normal((num_tokens, D)).astype(np.float32)
 
     @nnx.jit
     def forward(x, *layers):
@@ -61,7 +62,7 @@ def run_demo(console: Console, seed: int = 0) -> None:
 
     x_TD = jnp.asarray(x)
     outputs = forward(x_TD, *layers)
-    table = Table(title=f"Flax NNX layer (moe_router.flax.MoE under nnx.jit), T={T}, "
+    table = Table(title=f"Flax NNX layer (moe_router.flax.MoE under nnx.jit), T={num_tokens}, "
                         f"d={D}, f={FF}, E={E}")
     for column in ("strategy", "dispatch", "mean k", "tokens per k", "max/mean load", "dropped",
                    "FLOPs vs top-2", "max |y - NumPy|"):

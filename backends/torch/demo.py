@@ -35,6 +35,7 @@ def structured_activations(num_tokens: int = T, d_model: int = D, seed: int = 0)
 
 
 def demo_configs() -> dict[str, RouterConfig]:
+    """The strategies of the torch table."""
     return {
         "top_k (k=2)": RouterConfig(num_experts=E, k=2),
         "top_p (p=0.5, max 4)": RouterConfig(num_experts=E, strategy="top_p", top_p=0.5,
@@ -48,9 +49,9 @@ def demo_configs() -> dict[str, RouterConfig]:
     }
 
 
-def run_demo(console: Console, num_tokens: int = T) -> None:
+def run_demo(console: Console, num_tokens: int = T, seed: int = 0) -> None:
     """Print the torch layer table (see the module docstring)."""
-    x = structured_activations(num_tokens)
+    x = structured_activations(num_tokens, seed=seed)
     table = Table(title=f"torch MoE layer on structured activations, T={num_tokens}, D={D}, "
                         f"E={E}")
     for column in ("strategy", "mean k", "tokens per k", "max/mean load", "dropped",

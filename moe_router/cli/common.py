@@ -10,12 +10,17 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
+import sys
+import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-__all__ = ["CLIError", "choice_list", "positive_int", "quiet_frameworks", "non_negative_int"]
+__all__ = ["CLIError", "choice_list", "native_logs_dropped", "non_negative_int", "positive_int",
+           "quiet_frameworks"]
 
 
 class CLIError(Exception):
@@ -72,4 +77,41 @@ def quiet_frameworks(verbose: bool = False) -> None:
     for name in ("tensorflow", "absl", "jax._src.xla_bridge", "h5py"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="tensorflow")
-    warnings.filterwarnings("ignore", message=".*tf.function retracing.*")
+
+
+NATIVE_LOG_LINE = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.-]+:\d+\] "
+                             r"|WARNING: All log messages before absl::InitializeLog\(\)")
+
+
+@contextlib.contextmanager
+def native_logs_dropped(enabled: bool = True) -> Iterator[None]:
+    """Drop the absl/glog lines (``I0000 00:00:... port.cc:153] ...``) that C++ libraries write to
+    file descriptor 2 inside the block; other output is written back to ``sys.stderr``, and
+    everything is when the block raises.
+
+    TensorFlow logs such lines while it is imported, before ``absl::InitializeLog()``, where
+    ``TF_CPP_MIN_LOG_LEVEL`` is not applied yet (abseil/abseil-cpp#1718), so the environment
+    alone cannot silence them."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    failed = False
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            kept = lines if failed else [ln for ln in lines if not NATIVE_LOG_LINE.match(ln)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()

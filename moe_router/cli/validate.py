@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import choice_list, quiet_frameworks
+from .common import choice_list, native_logs_dropped, quiet_frameworks
 
 #: strategies (with their settings) the conformance check routes on each backend
 CONFORMANCE = {
@@ -116,9 +116,10 @@ def _cmd_validate(args: argparse.Namespace, rest: list[str]) -> int:
         rows += check_config_file(args.config)
     rows += check_environment()
     names = args.backends or default_registry().backend_names()
-    for name in names:
-        if name != "numpy":
-            rows.append(check_backend(name))
+    with native_logs_dropped(not args.verbose):  # TF's import-time C++ lines
+        for name in names:
+            if name != "numpy":
+                rows.append(check_backend(name))
     failed = sum(row["status"] == "FAIL" for row in rows)
     if args.json:
         print(json.dumps({"ok": not failed, "checks": rows}, indent=2))
