@@ -417,6 +417,22 @@ class MoE(nn.Module):
             stages = self.__dict__["_stage_cache"] = _LayerStages(self.router)
         return stages
 
+    def set_stages(self, stages: _LayerStages | None) -> None:
+        """Run the layer step with ``stages`` (a subclass of the layer's own stages, e.g. the
+        offloaded expert stage of :mod:`moe_router.offload`); ``None`` restores the default.
+
+        Raises:
+            InputTypeError: ``stages`` is not a stages object of this layer's router.
+        """
+        if stages is None:
+            self.__dict__.pop("_stage_cache", None)
+            return
+        if not isinstance(stages, _LayerStages) or getattr(stages, "router", None) is not \
+                self.router:
+            raise InputTypeError("stages", f"expected a {_LayerStages.__name__} (subclass) "
+                                 f"built for this layer's router, got {type(stages).__name__}")
+        self.__dict__["_stage_cache"] = stages
+
     def extra_repr(self) -> str:
         c, r = self.config, self.config.router
         return (f"d_model={c.d_model}, d_ff={c.d_ff}, experts={r.num_experts}, "
