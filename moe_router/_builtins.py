@@ -25,13 +25,14 @@ def moe_router_register_strategies(registrar: Registrar) -> None:
     def strategy(name: str, **metadata: object) -> None:
         registrar.strategy(name, f"{_STRATEGIES}:{name}", **metadata)
 
-    strategy("top_k", reads_k=True, dynamic=False, null_experts=True, normalizes=True)
+    strategy("top_k", reads_k=True, dynamic=False, null_experts=True, normalizes=True,
+             biased_selection=True)
     strategy("hash", reads_k=True, dynamic=False, inputs=("token_ids",))
     strategy("expert_choice", reads_k=True, dynamic=True, causal_safe=False, own_capacity=True)
-    strategy("top_p", stateful=True)
-    strategy("threshold")
+    strategy("top_p", stateful=True, biased_selection=True)
+    strategy("threshold", biased_selection=True)
     strategy("relu")
-    strategy("complexity", stateful=True, normalizes=True)
+    strategy("complexity", stateful=True, normalizes=True, biased_selection=True)
 
 
 @hookimpl

@@ -220,8 +220,11 @@ def _add_noise(b: Backend, logits_TE: Array, config: RouterConfig, rng: Any) -> 
 
 def _losses(b: Backend, logits_TE: Array, softmax_TE: Array, indices_TK: Array,
             config: RouterConfig, mask_T: Array | None) -> RouterLosses:
-    balance = load_balancing_from_probs(b, softmax_TE[:, : config.num_experts], indices_TK,
-                                        config.num_experts, config.balance_convention, mask_T)
+    null = config.num_null_experts > 0  # null-aware balance over all E + N choices (AdaMoE)
+    probs_TE = softmax_TE if null else softmax_TE[:, : config.num_experts]
+    balance = load_balancing_from_probs(b, probs_TE, indices_TK, config.num_experts,
+                                        config.balance_convention, mask_T,
+                                        config.k if null else None)
     lse_T = b.logsumexp(logits_TE, axis=-1)  # once: z-loss and the log-probabilities
     z_loss = z_loss_from_lse(b, lse_T, mask_T, logits_TE)
     entropy = entropy_from_probs(b, softmax_TE, logits_TE - lse_T[:, None], mask_T)

@@ -255,6 +255,14 @@ class RouterConfig:
                self.balance_convention, "'switch' or 'hf'")
         for name in ("use_expert_bias", "causal", "balanced_debug"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
+        if not spec.biased_selection:
+            _check(not self.use_expert_bias, "use_expert_bias", self.use_expert_bias,
+                   f"False for strategy={self.strategy!r}, which does not choose experts by a "
+                   f"selection order the bias could shift (top_k, top_p, threshold and "
+                   f"complexity do)")
+            _check(self.num_groups is None, "num_groups", self.num_groups,
+                   f"None for strategy={self.strategy!r}, which does not choose experts by a "
+                   f"group-limited selection order (top_k, top_p, threshold and complexity do)")
         if self.causal:
             _check(spec.causal_safe, "strategy", self.strategy,
                    f"a causal-safe strategy when causal=True ({self.strategy} looks at other, "

@@ -43,31 +43,54 @@ def _masked_mean(b: Backend, values_T: Array, mask_T: Array | None, like_TE: Arr
 
 # ----- load balancing --------------------------------------------------------------------------
 def load_balancing_from_probs(b: Backend, probs_TE: Array, indices_TK: Array, num_experts: int,
-                              convention: LossConvention, mask_T: Array | None = None) -> Array:
-    """Load-balancing loss from ``(T, E)`` float32 softmax probabilities (backend given)."""
+                              convention: LossConvention, mask_T: Array | None = None,
+                              k: int | None = None) -> Array:
+    """Load-balancing loss from ``(T, E)`` float32 softmax probabilities (backend given).
+
+    With null experts (``probs`` ``(T, E + N)`` and ``k`` the top-k over all E + N choices),
+    the loss is null-aware (AdaMoE): it balances over all E + N choices, the N null experts
+    counted together (each gets 1/N of the null slots and of the null probability), where a
+    token's null slots are ``k`` minus its real slots. It is 1.0 (``switch``) when every choice
+    gets 1/(E + N) of the slots and of the probability, so moving probability onto the null
+    experts does not lower it for free.
+    """
     mask, count = _mask_and_count(b, mask_T, probs_TE)
+    width = b.shape(probs_TE)[1]
+    null = width is not None and width > num_experts and k is not None
     slots_TKE = b.one_hot(indices_TK, num_experts, dtype="float32")
-    slots_E = b.sum(b.sum(slots_TKE, axis=1) * mask[:, None], axis=0)
-    prob_E = b.sum(probs_TE * mask[:, None], axis=0) / count
+    slots_TE = b.sum(slots_TKE, axis=1)
+    slots_E = b.sum(slots_TE * mask[:, None], axis=0)
+    prob_E = b.sum(probs_TE[:, :num_experts] * mask[:, None], axis=0) / count
+    null_slots = prob_null = None
+    if null:
+        real_T = b.sum(slots_TE, axis=-1)
+        null_slots = b.sum(b.maximum(float(k) - real_T, 0.0) * mask)
+        prob_null = b.sum(b.sum(probs_TE[:, num_experts:], axis=-1) * mask) / count
     if convention == "switch":
-        total_slots = b.maximum(b.sum(slots_E), 1.0)
-        fraction_E = slots_E / total_slots
+        total_slots = b.sum(slots_E) if null_slots is None else b.sum(slots_E) + null_slots
+        denominator = b.maximum(total_slots, 1.0)
     elif convention == "hf":
-        fraction_E = slots_E / count
+        denominator = count
     else:
         raise InputError("convention", f"expected 'switch' or 'hf', got {convention!r}")
-    return float(num_experts) * b.sum(fraction_E * prob_E)
+    balance = b.sum(slots_E / denominator * prob_E)
+    if null_slots is None or prob_null is None:
+        return float(num_experts) * balance
+    num_null = width - num_experts
+    return float(width) * (balance + null_slots / denominator * prob_null / float(num_null))
 
 
 def load_balancing_loss(router_logits_TE: Array, expert_indices_TK: Array, num_experts: int,
                         convention: LossConvention = "switch",
-                        mask_T: Array | None = None) -> Array:
+                        mask_T: Array | None = None, k: int | None = None) -> Array:
     """Auxiliary load-balancing loss.
 
     ``switch``: E * sum_e f_e * P_e with f_e the fraction of used slots routed to e (1.0 at
     perfect balance for any k). ``hf``: what transformers' Mixtral ``load_balancing_loss_func``
     returns for one layer (k at perfect balance). P_e is the mean softmax probability of e over
-    unmasked tokens; logits wider than ``num_experts`` (null experts) use their first E columns.
+    unmasked tokens. With null experts (logits wider than ``num_experts``) pass ``k``, the top-k
+    over all E + N choices, for the null-aware loss the routed plan carries (see
+    :func:`load_balancing_from_probs`); without ``k`` only the first E columns enter.
 
     Args:
         router_logits_TE: ``(T, E')`` router logits, E' >= num_experts.
@@ -75,11 +98,14 @@ def load_balancing_loss(router_logits_TE: Array, expert_indices_TK: Array, num_e
         num_experts: E.
         convention: ``"switch"`` or ``"hf"``.
         mask_T: ``(T,)`` 1 for real tokens, 0 for padding (``None``: all real).
+        k: with null experts, the number of choices per token over E + N.
     """
     b = _backend(router_logits_TE)
-    probs_TE = b.softmax(b.cast(router_logits_TE, "float32"), axis=-1)[:, :num_experts]
+    probs_TE = b.softmax(b.cast(router_logits_TE, "float32"), axis=-1)
+    if k is None:
+        probs_TE = probs_TE[:, :num_experts]
     return load_balancing_from_probs(b, probs_TE, expert_indices_TK, num_experts, convention,
-                                     mask_T)
+                                     mask_T, k)
 
 
 # ----- z-loss and entropy ----------------------------------------------------------------------

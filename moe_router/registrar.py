@@ -85,6 +85,9 @@ class StrategySpec:
         null_experts: supports ``num_null_experts``.
         normalizes: its weights are renormalized over a token's experts when
             ``normalize_weights`` is ``None`` (also the default of forced / replayed routing).
+        biased_selection: its choice of experts follows the selection order (the aux-free
+            balancing bias of ``use_expert_bias`` and the groups of ``num_groups``); a config
+            asking either of a strategy without it is refused.
     """
 
     name: str
@@ -97,6 +100,7 @@ class StrategySpec:
     own_capacity: bool = False
     null_experts: bool = False
     normalizes: bool = False
+    biased_selection: bool = False
 
     def __post_init__(self) -> None:
         _check_name("strategy", self.name)

@@ -161,7 +161,9 @@ def top_k_row(t: int, scores: list[np.float32], z: Sequence[float], config: Rout
 
 
 def top_p_row(probs: list[np.float32], z: Sequence[float], config: RouterConfig,
-              p: float) -> Row:
+              p: float, bias: np.ndarray | None = None) -> Row:
+    """How many: the smallest prefix of the sorted probabilities with mass > p; which: the
+    selection order (bias, groups), as top_k chooses."""
     E = config.num_experts
     order = ranked(exact_key(probs, z, None, E))
     cum, n = F32(0.0), E  # if no prefix sum exceeds p: all experts
@@ -171,11 +173,20 @@ def top_p_row(probs: list[np.float32], z: Sequence[float], config: RouterConfig,
             n = i + 1
             break
     n = clamp(n, config.min_experts, config.max_slots)
-    return _finish(order[:n], probs, _normalize_flag(config, False),
-                   config.max_slots)
+    return _finish(_chosen(probs, z, config, bias, order)[:n], probs,
+                   _normalize_flag(config, False), config.max_slots)
 
 
-def threshold_row(probs: list[np.float32], z: Sequence[float], config: RouterConfig) -> Row:
+def _chosen(probs: list[np.float32], z: Sequence[float], config: RouterConfig,
+            bias: np.ndarray | None, order: list[int]) -> list[int]:
+    """The experts in selection order: ``order`` (exact score order) without bias and groups."""
+    if bias is None and config.num_groups is None:
+        return order
+    return ranked(selection_scores(probs, z, config, bias))
+
+
+def threshold_row(probs: list[np.float32], z: Sequence[float], config: RouterConfig,
+                  bias: np.ndarray | None = None) -> Row:
     E = config.num_experts
     order = ranked(exact_key(probs, z, None, E))
     below_one = float(np.nextafter(F32(1.0), F32(0.0)))
@@ -185,8 +196,8 @@ def threshold_row(probs: list[np.float32], z: Sequence[float], config: RouterCon
             n += 1
         before = F32(before + probs[e])
     n = clamp(n, config.min_experts, config.max_slots)
-    return _finish(order[:n], probs, _normalize_flag(config, False),
-                   config.max_slots)
+    return _finish(_chosen(probs, z, config, bias, order)[:n], probs,
+                   _normalize_flag(config, False), config.max_slots)
 
 
 def relu_row(z: Sequence[float], config: RouterConfig) -> Row:
@@ -372,13 +383,13 @@ def route_loop(logits: np.ndarray, config: RouterConfig, *, token_ids: np.ndarra
         rows = [top_k_row(t, scores[t], z[t], config, bias) for t in range(T)]
     elif strategy == "top_p":
         p = state["top_p"] if state is not None else config.top_p
-        rows = [top_p_row(scores[t], z[t], config, p) for t in range(T)]
+        rows = [top_p_row(scores[t], z[t], config, p, bias) for t in range(T)]
         if state is not None and training and config.target_experts is not None:
             mean_k = sum(len(r) for r in rows) / max(T, 1)
             new_p = p + config.controller_rate * (config.target_experts - mean_k)
             new_state = {**state, "top_p": min(max(new_p, 1e-3), 1.0)}
     elif strategy == "threshold":
-        rows = [threshold_row(scores[t], z[t], config) for t in range(T)]
+        rows = [threshold_row(scores[t], z[t], config, bias) for t in range(T)]
     elif strategy == "relu":
         rows = [relu_row(z[t], config) for t in range(T)]
     elif strategy == "expert_choice":
@@ -416,7 +427,7 @@ def _assemble(z: np.ndarray, rows: list[Row], dropped: int, config: RouterConfig
             counts[e] += 1
     num_per_token = np.array([len(r) for r in rows], dtype=np.int64)
     real = [True] * T if mask is None else [float(m) > 0 for m in np.asarray(mask).reshape(-1)]
-    losses = loop_losses(z, rows, E, real)
+    losses = loop_losses(z, rows, E, real, config.k if config.num_null_experts else None)
     losses["total"] = (config.aux_loss_coef * losses[config.balance_convention]
                        + config.z_loss_coef * losses["z_loss"]
                        + config.entropy_loss_coef * losses["entropy"])
@@ -432,12 +443,16 @@ def _assemble(z: np.ndarray, rows: list[Row], dropped: int, config: RouterConfig
 
 
 def loop_losses(z: np.ndarray, rows: list[Row], num_experts: int,
-                real: list[bool]) -> dict[str, float]:
-    """Switch / hf load balancing, z-loss and entropy, over the unmasked tokens (ROUTING.md)."""
+                real: list[bool], k: int | None = None) -> dict[str, float]:
+    """Switch / hf load balancing, z-loss and entropy, over the unmasked tokens (ROUTING.md).
+    With null experts (z wider than E) and ``k``: AdaMoE's balance over all E + N choices, the
+    null experts pooled (each gets 1/N of the null slots, k minus the token's real slots, and of
+    the null probability)."""
     T, E = z.shape[0], num_experts
+    N = z.shape[1] - E if k is not None else 0
     n_real = max(sum(real), 1)
-    slots = [0] * E
-    mean_prob = [0.0] * E
+    slots = [0.0] * (E + N)
+    mean_prob = [0.0] * (E + N)
     z_loss = ent = 0.0
     for t in range(T):
         if not real[t]:
@@ -452,9 +467,13 @@ def loop_losses(z: np.ndarray, rows: list[Row], num_experts: int,
             mean_prob[e] += probs[e] / n_real
         for e, _ in rows[t]:
             slots[e] += 1
+        for j in range(N):
+            mean_prob[E + j] += sum(probs[E:]) / N / n_real
+            slots[E + j] += max(k - len(rows[t]), 0) / N  # type: ignore[operator]
     used = max(sum(slots), 1)
-    switch = E * sum(slots[e] / used * mean_prob[e] for e in range(E))
-    hf = E * sum(slots[e] / n_real * mean_prob[e] for e in range(E))
+    C = E + N
+    switch = C * sum(slots[e] / used * mean_prob[e] for e in range(C))
+    hf = C * sum(slots[e] / n_real * mean_prob[e] for e in range(C))
     return {"switch": switch, "hf": hf, "z_loss": z_loss, "entropy": ent}
 
 

@@ -187,8 +187,9 @@ def test_load_balancing_matches_a_per_token_loop() -> None:
                                      mask_T=mask)) == pytest.approx(hf, rel=1e-5)
 
 
-def test_null_expert_logits_use_the_first_e_columns() -> None:
-    """With N null experts the logits are (T, E + N); P is the softmax over all E + N."""
+def test_null_expert_logits_use_the_first_e_columns_without_k() -> None:
+    """With N null experts the logits are (T, E + N); P is the softmax over all E + N; without
+    ``k`` only the first E columns enter."""
     E, N, T = 4, 2, 10
     logits = _logits(T, E + N, seed=13)
     plan = mr.route(logits, mr.RouterConfig(num_experts=E, num_null_experts=N, k=2))
@@ -197,6 +198,49 @@ def test_null_expert_logits_use_the_first_e_columns() -> None:
     expected = E * np.sum(counts / counts.sum() * probs[:, :E].mean(0))
     assert float(load_balancing_loss(logits, plan.expert_indices, E)) == pytest.approx(
         expected, rel=1e-5)
+
+
+def _null_aware(logits: np.ndarray, indices: np.ndarray, E: int, k: int,
+                convention: str = "switch") -> float:
+    """AdaMoE's balance over E + N choices, null experts pooled, written out per choice."""
+    T, C = logits.shape
+    N = C - E
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    real = np.bincount(indices[indices >= 0], minlength=E).astype(np.float64)
+    null_slots = float(np.sum(k - (indices >= 0).sum(-1)))
+    slots = np.concatenate([real, np.full(N, null_slots / N)])  # each null: 1/N of them
+    pmean = np.concatenate([probs[:, :E].mean(0), np.full(N, probs[:, E:].sum(-1).mean() / N)])
+    fraction = slots / slots.sum() if convention == "switch" else slots / T
+    return float(C * np.sum(fraction * pmean))
+
+
+@pytest.mark.parametrize("convention", ["switch", "hf"])
+def test_null_aware_balance_loss_pools_the_null_experts(convention: str) -> None:
+    """The routed plan's loss balances over all E + N choices (AdaMoE): 1.0 at perfect balance,
+    and moving probability onto the null experts is not free."""
+    E, N, T, k = 4, 2, 64, 3
+    logits = _logits(T, E + N, seed=5)
+    rc = mr.RouterConfig(num_experts=E, num_null_experts=N, k=k, balance_convention=convention)
+    plan = mr.route(logits, rc)
+    expected = _null_aware(logits, np.asarray(plan.expert_indices), E, k, convention)
+    assert float(plan.losses.load_balancing) == pytest.approx(expected, rel=1e-5)
+    assert float(load_balancing_loss(logits, plan.expert_indices, E, convention=convention,
+                                     k=k)) == pytest.approx(expected, rel=1e-5)
+    # all logits equal and every choice used equally often: the switch loss is exactly 1
+    flat = np.zeros((6, E + N), np.float32)
+    even = np.array([[0, 1, -1], [2, 3, -1], [0, -1, -1], [1, -1, -1], [2, -1, -1], [3, -1, -1]])
+    assert _null_aware(flat, even, E, k) == pytest.approx(1.0)
+    assert float(load_balancing_loss(flat, even, E, k=k)) == pytest.approx(1.0, rel=1e-6)
+    # tokens that lean on the null experts (one real expert each of k = 3): piling more
+    # probability onto the nulls now costs, where the first-E-columns loss rewarded it
+    lean = np.stack([np.arange(T) % E, -np.ones(T, int), -np.ones(T, int)], axis=1)
+    shifted = logits.copy()
+    shifted[:, E:] += 3.0
+    assert float(load_balancing_loss(shifted, lean, E, k=k)) > float(
+        load_balancing_loss(logits, lean, E, k=k))
+    assert float(load_balancing_loss(shifted, lean, E)) < float(
+        load_balancing_loss(logits, lean, E))
 
 
 def test_unknown_convention_is_a_typed_error() -> None:
@@ -258,7 +302,7 @@ def test_plan_losses_equal_the_standalone_functions(config: dict, width: int,
     mask = (np.arange(T) % 4 != 3).astype(np.float32) if masked else None
     plan = mr.route(logits, rc, mask_T=mask)
     lb = load_balancing_loss(logits, plan.expert_indices, E, convention=rc.balance_convention,
-                             mask_T=mask)
+                             mask_T=mask, k=rc.k if rc.num_null_experts else None)
     z = router_z_loss(logits, mask_T=mask)
     ent = router_entropy_loss(logits, mask_T=mask)
     np.testing.assert_allclose(plan.losses.load_balancing, lb, rtol=1e-6)

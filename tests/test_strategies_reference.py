@@ -439,3 +439,34 @@ def test_balanced_debug_routes_round_robin() -> None:
     assert_matches(plan, ref)
     assert plan.expert_counts.tolist() == [4] * 5  # 10 tokens x 2 slots over 5 experts
     assert plan.expert_indices[:2].tolist() == [[0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize("strategy", ["top_p", "threshold"])
+def test_dynamic_strategies_choose_by_the_balancing_bias(strategy: str) -> None:
+    """top_p / threshold take as many experts as the token's own probability mass asks, and
+    choose them in the selection order: a large bias on an expert puts it first."""
+    E, T = 6, 40
+    logits = np.random.default_rng(3).normal(size=(T, E)).astype(np.float32) * 2
+    rc = RouterConfig(num_experts=E, strategy=strategy, top_p=0.5, threshold=0.5,
+                      max_experts=3, use_expert_bias=True)
+    plain = route(logits, rc)
+    bias = np.zeros(E, np.float32)
+    bias[4] = 10.0
+    biased = route(logits, rc, expert_bias_E=bias)
+    np.testing.assert_array_equal(biased.num_experts_per_token, plain.num_experts_per_token)
+    assert (biased.expert_indices[:, 0] == 4).all()
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    for t in range(T):  # the rest follow the scores, weights are the router's probabilities
+        used = biased.expert_indices[t][biased.expert_indices[t] >= 0]
+        rest = [e for e in np.argsort(-probs[t], kind="stable") if e != 4][: len(used) - 1]
+        assert list(used) == [4, *rest]
+        np.testing.assert_allclose(biased.expert_weights[t][: len(used)], probs[t][used],
+                                   rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["relu", "expert_choice", "hash"])
+def test_strategies_without_a_selection_order_refuse_bias_and_groups(strategy: str) -> None:
+    with pytest.raises(ConfigError, match="use_expert_bias"):
+        RouterConfig(num_experts=4, strategy=strategy, use_expert_bias=True)
+    with pytest.raises(ConfigError, match="num_groups"):
+        RouterConfig(num_experts=4, strategy=strategy, num_groups=2)

@@ -151,7 +151,11 @@ def top_p(ctx: RoutingContext) -> Selection:
     n_T = b.minimum(b.sum(cum_TE <= p, axis=-1) + 1, c.num_experts)
     n_T = clamp_count(b, n_T, c.min_experts, c.max_slots)
     probs_TE = ctx.probs[:, : c.num_experts]
-    indices, weights = prefix_select(b, key_TE, probs_TE, n_T, c.max_slots,
+    # how many: the token's own probability mass; which: the selection order (balancing bias,
+    # groups), as top_k chooses
+    order_TE = key_TE if ctx.expert_bias is None and c.num_groups is None else \
+        _selection_order(ctx)
+    indices, weights = prefix_select(b, order_TE, probs_TE, n_T, c.max_slots,
                                      _default(c.normalize_weights, False))
     return Selection(indices, weights, _update_top_p(ctx, n_T))
 
@@ -178,7 +182,9 @@ def threshold(ctx: RoutingContext) -> Selection:
         before_TE = b.minimum(before_TE, _BELOW_ONE)
     n_T = clamp_count(b, b.sum(before_TE < c.threshold, axis=-1), c.min_experts, c.max_slots)
     probs_TE = ctx.probs[:, : c.num_experts]
-    indices, weights = prefix_select(b, key_TE, probs_TE, n_T, c.max_slots,
+    order_TE = key_TE if ctx.expert_bias is None and c.num_groups is None else \
+        _selection_order(ctx)
+    indices, weights = prefix_select(b, order_TE, probs_TE, n_T, c.max_slots,
                                      _default(c.normalize_weights, False))
     return Selection(indices, weights, ctx.state)
 
