@@ -209,6 +209,11 @@ def test_prometheus_and_tensorboard_exports_read_back():
     assert samples[("moe_router_offload_hit_ratio", "2", None)] == pytest.approx(
         result.hit_rates[2])
     assert ("moe_router_offload_prefetch_recall_ratio", "0", None) not in samples  # undefined
+    from moe_router.debug.prometheus import OffloadCollector as DebuggerCollector
+
+    assert OffloadCollector is DebuggerCollector   # one definition: the debugger's exporter
+    with pytest.raises(InputError, match=r"source\['layers'\]\[0\]"):
+        list(OffloadCollector({"layers": [{"hits": 1}]}).collect())
     import tempfile
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -26,7 +26,7 @@ from torch import nn
 
 from moe_router.errors import InputError, InputTypeError
 from moe_router.layer.experts import SCOPES, activate, permute, unpermute
-from moe_router.offload.config import OffloadConfig
+from moe_router.offload.config import STORE_ATTR, OffloadConfig
 from moe_router.offload.safetensors_io import ByteReader, checkpoint_entries
 
 from .layers import MoE
@@ -40,9 +40,6 @@ from .offload_store import (
     Piece,
     check_uniform,
 )
-
-#: the attribute of a model (``model.__dict__``) holding its store
-STORE_ATTR = "expert_store"
 
 
 @dataclasses.dataclass
@@ -65,9 +62,9 @@ class _OffloadStages:
         return offloaded_experts(self.b, self._offload, x_TD, ids_TK, gates_TK, config)
 
 
-def predict_next(layer: MoE, x_TD: torch.Tensor, k: int | None = None) -> list[int]:
-    """Experts ``layer`` would pick for ``x_TD`` (top-``k`` per token of its router, ``k``
-    default the router's), most often picked first, then best score."""
+def router_scores(layer: MoE, x_TD: torch.Tensor) -> torch.Tensor:
+    """``(T, E)`` float32 selection scores of ``layer``'s router for ``x_TD`` (softmax-free:
+    logits, or sigmoid scores; plus the expert bias when the router uses one), no gradient."""
     r = layer.config.router
     with torch.no_grad():
         scores = layer.router(x_TD, layer.config).float()[:, :r.num_experts]
@@ -76,8 +73,15 @@ def predict_next(layer: MoE, x_TD: torch.Tensor, k: int | None = None) -> list[i
         bias = getattr(layer.router, "expert_bias", None)
         if r.use_expert_bias and isinstance(bias, torch.Tensor) and bias.device.type != "meta":
             scores = scores + bias.float()
-        kk = min(k or r.k, r.num_experts)
-        top = torch.topk(scores, kk, dim=-1)
+    return scores
+
+
+def predict_next(layer: MoE, x_TD: torch.Tensor, k: int | None = None) -> list[int]:
+    """Experts ``layer`` would pick for ``x_TD`` (top-``k`` per token of its router, ``k``
+    default the router's), most often picked first, then best score."""
+    r = layer.config.router
+    kk = min(k or r.k, r.num_experts)
+    top = torch.topk(router_scores(layer, x_TD), kk, dim=-1)
     counts: dict[int, tuple[int, float]] = {}
     for e, s in zip(top.indices.reshape(-1).tolist(), top.values.reshape(-1).tolist()):
         n, best = counts.get(e, (0, float("-inf")))

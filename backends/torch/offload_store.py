@@ -348,9 +348,11 @@ class ExpertStore:
         return (self.pool.numel() + self.staging.numel()) * item
 
     def metrics(self) -> dict[str, Any]:
-        """Per-layer and total counters (:meth:`ExpertCache.summary`) plus the source's read
-        counters (``reads``) and the start-up constants (``costs``)."""
+        """Per-layer and total counters (:meth:`ExpertCache.summary`) plus ``prefetch`` and
+        ``compute`` (the config's), the source's read counters (``reads``) and the start-up
+        constants (``costs``); a debugger session's ``"offload"`` section is this dict."""
         out = self.cache.summary()
+        out["prefetch"], out["compute"] = self.config.prefetch, self.config.compute
         reader = getattr(self.source, "reader", None)
         out["reads"] = dict(reader.stats()) if reader is not None else None
         out["costs"] = None if self.costs is None else dataclasses.asdict(self.costs)

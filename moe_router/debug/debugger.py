@@ -28,7 +28,7 @@ from ..layer.observers import TraceConfig
 from . import digest as digests
 from .counters import FIELDS, MODES
 from .readout import delta_counts, trace_rows
-from .session import FORMAT, add_counts, empty_counts
+from .session import FORMAT, add_counts, empty_counts, offload_record, offload_store
 
 STATS = "routing_stats"
 TRACE = "routing_trace"
@@ -90,6 +90,7 @@ class MoEDebugger:
         self._callbacks: dict[str, list[Callable[..., Any]]] = {e: [] for e in CALLBACK_EVENTS}
         self._steps: deque[dict[str, Any]] = deque(maxlen=keep_steps)
         self.attached = False
+        self._offload: Any = None
         self._lock = threading.RLock()  # the metrics server reads from its own thread
         self._clear("session", None)
 
@@ -263,8 +264,10 @@ class MoEDebugger:
         layers = [self._layer_record(e) for e in self._layers] if self.model is not None \
             else self._manual_layers()
         configs = [e.original for e in self._layers]
-        weights = None
-        if self.digest_weights and self.model is not None:
+        weights, own = None, offload_store(None, self.model)
+        store = self._offload or own
+        if self.digest_weights and self.model is not None and own is None:  # (an offloaded
+            # model's experts are not in memory: no weights digest)
             weights = digests.weights_hash(e.layer.export_weights() for e in self._layers)
         return {
             "format": FORMAT, "name": self._name, "framework": self.framework,
@@ -278,7 +281,15 @@ class MoEDebugger:
             "steps": list(self._steps), "steps_dropped": self._steps_dropped,
             "trace": self.get_trace(),
             "events": list(self._events),
+            **offload_record(store),
         }
+
+    def watch_offload(self, store: Any) -> None:
+        """Put ``store.metrics()`` (an ``ExpertStore`` of :mod:`moe_router.offload`, or anything
+        with that method) in the session record's ``"offload"`` section, read at every
+        :meth:`to_session`. A model offloaded with ``moe_router.offload`` is watched without this
+        call (``None``: back to that). Raises ``InputTypeError`` without ``metrics()``."""
+        self._offload = offload_store(store, None)
 
     def _layer_record(self, entry: _Layer) -> dict[str, Any]:
         r = entry.original.router

@@ -12,7 +12,14 @@ from typing import Any
 
 from ..errors import InputError, InputTypeError
 from .events import session_from_events
-from .session import FLOAT_FIELDS, FORMAT, INT_FIELDS, MODES
+from .session import (
+    FLOAT_FIELDS,
+    FORMAT,
+    INT_FIELDS,
+    MODES,
+    OFFLOAD_COUNTERS,
+    OFFLOAD_GAUGES,
+)
 
 PathLike = str | os.PathLike[str]
 
@@ -28,7 +35,8 @@ def validate_session(session: Any, argument: str = "session") -> dict[str, Any]:
     with one LAYER_COUNTS (every field, lists where lists) per layer, or none, for each mode;
     ``steps`` / ``trace`` / ``events`` lists of dicts (``[]`` in the copy when absent), each step
     with a ``step`` and a LAYER_COUNTS per layer in ``layers`` (fewer when the step was taken
-    before a layer existed, as in a debugger's manual path).
+    before a layer existed, as in a debugger's manual path); an optional ``offload`` section
+    (absent or ``None`` in older records) with a ``layers`` list of OFFLOAD_LAYER dicts.
 
     Raises:
         InputTypeError: not a dict.
@@ -72,7 +80,30 @@ def validate_session(session: Any, argument: str = "session") -> dict[str, Any]:
                                                           f"LAYER_COUNTS per layer "
                                                           f"({len(layers)}) in 'layers'")
         _check_counts(rows, f"{argument}['steps'][{n}]['layers']")
+    if session.get("offload") is not None:
+        validate_offload(session["offload"], f"{argument}['offload']")
     return session
+
+
+def validate_offload(section: Any, where: str) -> None:
+    """``InputError`` unless ``section`` is an OFFLOAD dict: ``layers`` (and ``total`` when
+    present) OFFLOAD_LAYER dicts with every counter a number and every gauge a number or
+    ``None``."""
+    if not isinstance(section, Mapping) or not isinstance(section.get("layers"), list):
+        raise InputError(where, "expected an OFFLOAD dict with a 'layers' list (see "
+                                "moe_router.debug.session)")
+    rows = [(f"{where}['layers'][{i}]", row) for i, row in enumerate(section["layers"])]
+    if section.get("total") is not None:
+        rows.append((f"{where}['total']", section["total"]))
+    number = (int, float)
+    for at, row in rows:
+        bad = [k for k in OFFLOAD_COUNTERS if not isinstance(row, Mapping)
+               or isinstance(row.get(k), bool) or not isinstance(row.get(k), number)]
+        bad += [k for k in OFFLOAD_GAUGES if isinstance(row, Mapping)
+                and (k not in row or not (row[k] is None or isinstance(row[k], number)))]
+        if bad:
+            raise InputError(at, f"expected an OFFLOAD_LAYER dict; bad or missing: "
+                                 f"{', '.join(bad)}")
 
 
 def _check_counts(rows: Sequence[Any], where: str) -> None:

@@ -15,7 +15,16 @@ rules (prefix ``moe_router_``, base units, ``_total`` counters):
   of a layer too small to judge);
 - info ``moe_router_layer_info{layer, name, strategy}`` and
   ``moe_router_session_info{name, framework, digest}``;
-- with ``per_expert=True``: ``moe_router_expert_tokens_total{layer, expert, mode}``.
+- with ``per_expert=True``: ``moe_router_expert_tokens_total{layer, expert, mode}``;
+- when the session has an ``"offload"`` section (an offloaded model, see
+  :mod:`moe_router.offload`), labelled ``{layer}`` (the store's layer): counters
+  ``moe_router_offload_hits_total``, ``..._misses_total``, ``..._prefetch_hits_total``,
+  ``..._prefetch_loads_total``, ``..._prefetch_wasted_total``, ``..._moved_bytes_total``,
+  ``..._wasted_bytes_total``, ``..._stall_seconds_total`` and
+  ``..._served_total{layer, path}``; gauges ``..._hit_ratio``,
+  ``..._prefetch_precision_ratio``, ``..._prefetch_recall_ratio``, ``..._resident_bytes``,
+  ``..._peak_resident_bytes``, ``..._slots``; info ``moe_router_offload_info{policy}``
+  (:class:`OffloadCollector` alone exports them from any offload metrics dict).
 
 :func:`serve_metrics` serves one collector on a fresh registry over HTTP.
 """
@@ -24,13 +33,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from .analyzer import DEAD_THRESHOLD, MIN_EXPECTED, MoEAnalyzer
-from .files import load_session
-from .session import MODES
+from .files import load_session, validate_offload
+from .session import MODES, OFFLOAD_COUNTERS, OFFLOAD_GAUGES
 
-__all__ = ["MetricsServer", "MoERouterCollector", "serve_metrics"]
+__all__ = ["MetricsServer", "MoERouterCollector", "OffloadCollector", "serve_metrics"]
 
 PREFIX = "moe_router"
 #: counters: (name without ``_total``, help, value of one LAYER_COUNTS)
@@ -52,6 +62,76 @@ GAUGES = (
     ("dead_experts", f"Experts below {DEAD_THRESHOLD:.0%} of the uniform share of the slots "
                      f"(judged from {MIN_EXPECTED:g} expected slots per expert).", "dead_experts"),
 )
+
+#: offload metric name (after ``moe_router_offload_``, without ``_total``) per OFFLOAD_LAYER key
+OFFLOAD_NAMES = MappingProxyType({
+    "hits": "hits", "misses": "misses", "prefetch_hits": "prefetch_hits",
+    "prefetch_loads": "prefetch_loads", "prefetch_wasted": "prefetch_wasted",
+    "bytes_moved": "moved_bytes", "bytes_wasted": "wasted_bytes", "stall_s": "stall_seconds",
+    "hit_rate": "hit_ratio", "precision": "prefetch_precision_ratio",
+    "recall": "prefetch_recall_ratio", "resident_bytes": "resident_bytes",
+    "peak_resident_bytes": "peak_resident_bytes"})
+OFFLOAD_PREFIX = f"{PREFIX}_offload"
+
+
+def _offload_families() -> dict[str, Any]:
+    """Empty offload metric families by OFFLOAD_LAYER key (plus ``served``, ``slots``,
+    ``info``)."""
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        InfoMetricFamily,
+    )
+
+    fams: dict[str, Any] = {}
+    for key, doc in OFFLOAD_COUNTERS.items():
+        fams[key] = CounterMetricFamily(f"{OFFLOAD_PREFIX}_{OFFLOAD_NAMES[key]}", doc,
+                                        labels=["layer"])
+    fams["served"] = CounterMetricFamily(f"{OFFLOAD_PREFIX}_served", "Expert uses per serving "
+                                         "path (resident, moved, there, streamed).",
+                                         labels=["layer", "path"])
+    for key, doc in OFFLOAD_GAUGES.items():
+        fams[key] = GaugeMetricFamily(f"{OFFLOAD_PREFIX}_{OFFLOAD_NAMES[key]}", doc,
+                                      labels=["layer"])
+    fams["slots"] = GaugeMetricFamily(f"{OFFLOAD_PREFIX}_slots", "Fast-tier expert slots per "
+                                      "layer.")
+    fams["info"] = InfoMetricFamily(OFFLOAD_PREFIX, "The expert store's eviction policy.")
+    return fams
+
+
+def _offload_metrics(section: Mapping[str, Any]) -> Iterator[Any]:
+    """The offload families of one OFFLOAD section (an undefined gauge writes no sample)."""
+    fams = _offload_families()
+    for i, layer in enumerate(section["layers"]):
+        label = str(i)
+        for key in OFFLOAD_COUNTERS:
+            fams[key].add_metric([label], float(layer[key]))
+        for path, n in (layer.get("paths") or {}).items():
+            fams["served"].add_metric([label, str(path)], float(n))
+        for key in OFFLOAD_GAUGES:
+            if layer.get(key) is not None:
+                fams[key].add_metric([label], float(layer[key]))
+    if section.get("slots") is not None:
+        fams["slots"].add_metric([], float(section["slots"]))
+    fams["info"].add_metric([], {"policy": str(section.get("policy") or "")})
+    yield from fams.values()
+
+
+class OffloadCollector:
+    """A ``prometheus_client`` collector of expert-offload metrics alone: ``source`` is an
+    OFFLOAD dict (``ExpertStore.metrics()``, ``ExpertCache.summary()``, a session's
+    ``"offload"``) or a zero-argument callable returning one (read at every scrape)."""
+
+    def __init__(self, source: Callable[[], Mapping[str, Any]] | Mapping[str, Any]) -> None:
+        self.source = source
+
+    def describe(self) -> Iterator[Any]:
+        yield from _offload_families().values()
+
+    def collect(self) -> Iterator[Any]:
+        section = self.source if isinstance(self.source, Mapping) else self.source()
+        validate_offload(section, "source")
+        yield from _offload_metrics(section)
 
 
 def _families(per_expert: bool) -> dict[str, Any]:
@@ -96,6 +176,7 @@ class MoERouterCollector:
     def describe(self) -> Iterator[Any]:
         """The metric families without samples (registration does not call ``source``)."""
         yield from _families(self.per_expert).values()
+        yield from _offload_families().values()
 
     def collect(self) -> Iterator[Any]:
         """The metric families of the current session."""
@@ -125,6 +206,8 @@ class MoERouterCollector:
                                         "framework": str(s.get("framework") or ""),
                                         "digest": str(digest.get("id") or "")})
         yield from fams.values()
+        if s.get("offload") is not None:
+            yield from _offload_metrics(s["offload"])
 
 
 class MetricsServer:

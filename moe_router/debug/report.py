@@ -4,10 +4,12 @@ Sections: the reproducibility digest (stamped at the top), the layer x expert ut
 (``<img id="heatmap">``, first in the page), a per-layer summary table, balancedness (max / mean
 load) over steps, the k (experts per token) histograms, the issues found by
 :meth:`MoEAnalyzer.detect_issues <moe_router.debug.analyzer.MoEAnalyzer.detect_issues>` and a
-token view of the trace (each sampled token a box coloured by its top-1 expert). Plots are drawn
-with matplotlib's Agg canvas and embedded as base64 PNG; every text from the session is escaped.
-Every number shown comes from :class:`~moe_router.debug.analyzer.MoEAnalyzer`; undefined ones
-(``None`` there, NaN in its arrays) are shown as ``-``, grey heatmap cells or gaps in a plot.
+token view of the trace (each sampled token a box coloured by its top-1 expert), and, when the
+session has an ``"offload"`` section, a table of the expert store's per-layer metrics. Plots are
+drawn with matplotlib's Agg canvas and embedded as base64 PNG; every text from the session is
+escaped. Every number shown comes from :class:`~moe_router.debug.analyzer.MoEAnalyzer` (the
+offload table: from the section); undefined ones (``None`` there, NaN in its arrays) are shown as
+``-``, grey heatmap cells or gaps in a plot.
 """
 
 from __future__ import annotations
@@ -246,6 +248,34 @@ def _issues(analyzer: MoEAnalyzer) -> str:
     return f"<table class='grid' id='issues-table'>{head}{''.join(rows)}</table>"
 
 
+def _mb(value: Any) -> str:
+    return "-" if value is None else f"{float(value) / 2**20:.3g}"
+
+
+def _offload(section: Mapping[str, Any]) -> str:
+    """The expert store's per-layer table (and a total row), from the OFFLOAD section."""
+    head = ("<tr><th>layer</th><th>hits</th><th>misses</th><th>hit rate</th>"
+            "<th>prefetch precision</th><th>prefetch recall</th><th>moved MiB</th>"
+            "<th>wasted MiB</th><th>stall s</th><th>peak resident MiB</th></tr>")
+    rows = [(str(i), m) for i, m in enumerate(section["layers"])]
+    if section.get("total") is not None:
+        rows.append(("total", section["total"]))
+    body = []
+    for name, m in rows:
+        cells = [name, m["hits"], m["misses"], _fmt(m.get("hit_rate")),
+                 _fmt(m.get("precision")), _fmt(m.get("recall")), _mb(m["bytes_moved"]),
+                 _mb(m["bytes_wasted"]), _fmt(float(m["stall_s"])),
+                 _mb(m.get("peak_resident_bytes"))]
+        body.append("<tr class='offload-row'>" + "".join(f"<td>{_e(c)}</td>" for c in cells)
+                    + "</tr>")
+    note = (f"<p class='note'>policy {_e(section.get('policy') or '-')} \u00b7 "
+            f"{_e(section.get('slots', '-'))} slots per layer of "
+            f"{_e(section.get('num_experts', '-'))} experts \u00b7 one expert "
+            f"{_mb(section.get('expert_bytes'))} MiB \u00b7 prefetch "
+            f"{_e(section.get('prefetch', '-'))}; counts since the store was made.</p>")
+    return f"{note}<table class='grid' id='offload-table'>{head}{''.join(body)}</table>"
+
+
 def _colour(expert: int) -> str:
     """A distinct light background colour for ``expert`` (golden-angle hues)."""
     return f"hsl({(expert * 137.508) % 360:.1f},65%,{72 if expert % 2 else 60}%)"
@@ -318,6 +348,9 @@ def render_report(session: Any) -> str:
         f"<section id='issues'><h2>Issues</h2>{_issues(analyzer)}</section>",
         f"<section id='tokens'><h2>Token routing</h2>{_tokens(s)}</section>",
     ]
+    if s.get("offload") is not None:
+        sections.insert(1, "<section id='offload'><h2>Expert offloading</h2>"
+                           f"{_offload(s['offload'])}</section>")
     now = datetime.now(UTC).isoformat(timespec="seconds")
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>MoE routing report: {_e(name)} ({_e(digest_id)})</title>"

@@ -22,6 +22,7 @@ strings, lists, dicts, ``None``)::
                  "layers": [LAYER_COUNTS, ...]}],  # what each layer added since the last step
       "trace": [TRACE_ROW, ...],                    # oldest first
       "events": [EVENT, ...],                       # manual events, normalised
+      "offload": OFFLOAD,                           # optional: only with an expert store
     }
 
     LAYER_COUNTS = {"calls": int, "tokens": int, "expert_tokens": [int] * E, "dropped": int,
@@ -34,6 +35,23 @@ strings, lists, dicts, ``None``)::
              "confidence": float | None, "timestamp": float | None, "token_id": int | None,
              "position": int | None, "mode": "train" | "eval"}
 
+    OFFLOAD = {"policy": str, "slots": int, "num_experts": int, "expert_bytes": int,
+               "layers": [OFFLOAD_LAYER, ...],   # the store's layers (the model's MoE layers
+               "total": OFFLOAD_LAYER,           #   in forward order); peak of the whole pool
+               ...}                               # other keys kept as given (reads, costs, ...)
+    OFFLOAD_LAYER = {"hits": int, "misses": int, "prefetch_hits": int, "predicted": int,
+                     "predicted_used": int, "used_predicted": int, "prefetch_loads": int,
+                     "prefetch_wasted": int, "bytes_moved": int, "bytes_wasted": int,
+                     "stall_s": float, "resident_bytes": int, "peak_resident_bytes": int,
+                     "paths": {"resident": int, "moved": int, "there": int, "streamed": int},
+                     "hit_rate": float | None, "precision": float | None,
+                     "recall": float | None}        # None: undefined (no use, no prediction)
+
+``OFFLOAD`` is what ``ExpertStore.metrics()`` / ``ExpertCache.summary()`` of
+:mod:`moe_router.offload` return (cumulative since the store was made; the counters are
+defined in :class:`~moe_router.offload.cache.LayerMetrics`); a record without it (older files,
+models without offloading) is as valid.
+
 The sums in LAYER_COUNTS are over real (unmasked) tokens (``*_sum`` of entropy, top-1 score and
 z-loss) or over calls (``balance_sum``, ``aux_loss_sum``); divide by ``tokens`` or ``calls`` for
 means. ``expert_tokens`` counts routing slots, so its sum is ``sum_k k * k_hist[k]``.
@@ -41,12 +59,35 @@ means. ``expert_tokens`` counts routing slots, so its sum is ``sum_k k * k_hist[
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
+
+from ..errors import InputTypeError
 
 FORMAT = "moe-router-session/1"
 MODES = ("train", "eval")
 INT_FIELDS = ("calls", "tokens", "dropped")
 FLOAT_FIELDS = ("entropy_sum", "top1_sum", "z_loss_sum", "balance_sum", "aux_loss_sum")
+#: OFFLOAD_LAYER counters (cumulative): key -> what it counts
+OFFLOAD_COUNTERS = MappingProxyType({
+    "hits": "Expert uses found in the fast tier.",
+    "misses": "Expert uses not found in the fast tier.",
+    "prefetch_hits": "Hits on an expert a prefetch loaded.",
+    "prefetch_loads": "Experts loaded ahead by prefetch.",
+    "prefetch_wasted": "Prefetched experts not used on the visit they were loaded for.",
+    "bytes_moved": "Bytes copied into the fast tier (demand, streamed and prefetch).",
+    "bytes_wasted": "Bytes of wasted prefetches.",
+    "stall_s": "Seconds the compute waited for expert weights.",
+})
+#: OFFLOAD_LAYER gauges (``None`` while undefined): key -> what it is
+OFFLOAD_GAUGES = MappingProxyType({
+    "hit_rate": "Hits over expert uses.",
+    "precision": "Prefetch precision: predicted experts that were used.",
+    "recall": "Prefetch recall: used experts that were predicted.",
+    "resident_bytes": "Bytes of the layer's experts resident in the fast tier now.",
+    "peak_resident_bytes": "Most bytes of the layer's experts ever resident in the fast tier.",
+})
 
 
 def empty_counts(num_experts: int, max_slots: int) -> dict[str, Any]:
@@ -68,3 +109,41 @@ def add_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         out[name] = [(a[name][i] if i < len(a[name]) else 0)
                      + (b[name][i] if i < len(b[name]) else 0) for i in range(n)]
     return out
+
+
+def offload_section(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The OFFLOAD section of ``metrics`` (``ExpertStore.metrics()`` or
+    ``ExpertCache.summary()``) as plain JSON values: dicts with str keys, lists for tuples."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # NumPy scalars
+            return value.item()
+        return value
+
+    return plain(metrics)
+
+
+def offload_store(store: Any, model: Any) -> Any:
+    """``store`` once it has ``metrics()``; without one, the expert store of ``model`` (set by
+    ``moe_router.offload``), or ``None``.
+
+    Raises:
+        InputTypeError: ``store`` is given and has no ``metrics()``.
+    """
+    if store is None:
+        from ..offload.config import STORE_ATTR
+
+        store = getattr(model, "__dict__", {}).get(STORE_ATTR) if model is not None else None
+        return store if callable(getattr(store, "metrics", None)) else None
+    if not callable(getattr(store, "metrics", None)):
+        raise InputTypeError("store", f"expected an expert store with metrics() (e.g. "
+                             f"moe_router.offload.store_of(model)), got {type(store).__name__}")
+    return store
+
+
+def offload_record(store: Any) -> dict[str, Any]:
+    """``{"offload": OFFLOAD}`` of ``store.metrics()``, or ``{}`` without a store."""
+    return {} if store is None else {"offload": offload_section(store.metrics())}

@@ -9,6 +9,14 @@ index) and ``moe/k/layer_<i>`` (tokens per number of experts). Event files are w
 ``tensorboard`` package's record writer and protos (no TensorFlow, no torch): the classic
 ``simple_value`` scalars and ``HistogramProto`` histograms, which TensorBoard and
 ``EventAccumulator`` read directly.
+
+A session with an ``"offload"`` section (:mod:`moe_router.debug.session`) also gets the scalars
+``offload/<key>/layer_<i>`` of each OFFLOAD_LAYER counter and gauge (``offload/hits/layer_0``,
+``offload/hit_rate/layer_0``, ``offload/recall/layer_1``, ``offload/bytes_moved/layer_0``,
+``offload/stall_s/layer_0``, ``offload/peak_resident_bytes/layer_0``, ...; undefined ones
+skipped). The section is cumulative (read when the record was made), so it is written once, at
+the last point's step: call ``write_tensorboard(debugger, logdir, step=n)`` periodically for a
+curve.
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ from typing import Any
 
 from .analyzer import LAYER_METRICS, MoEAnalyzer, layer_metrics
 from .files import load_session
+from .session import OFFLOAD_COUNTERS, OFFLOAD_GAUGES
 
-__all__ = ["HISTOGRAMS", "SCALARS", "write_tensorboard"]
+__all__ = ["HISTOGRAMS", "SCALARS", "offload_values", "write_tensorboard"]
 
 #: scalar metrics written per layer (``None`` values, e.g. a layer with no tokens, are skipped)
 SCALARS = LAYER_METRICS
@@ -79,6 +88,19 @@ def _summary(layers: Sequence[Mapping[str, Any]], counts: Sequence[Mapping[str, 
     return Summary(value=values)
 
 
+def offload_values(section: Mapping[str, Any]) -> list[Any]:
+    """``Summary.Value`` scalars ``offload/<key>/layer_<i>`` of an OFFLOAD section."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    values = []
+    for i, layer in enumerate(section["layers"]):
+        for key in (*OFFLOAD_COUNTERS, *OFFLOAD_GAUGES):
+            if layer.get(key) is not None:
+                values.append(Summary.Value(tag=f"offload/{key}/layer_{i}",
+                                            simple_value=float(layer[key])))
+    return values
+
+
 def write_tensorboard(session: Any, logdir: str | os.PathLike[str],
                       step: int | None = None) -> str:
     """Write ``session`` as a TensorBoard event file in ``logdir``; returns the file's path.
@@ -110,8 +132,10 @@ def write_tensorboard(session: Any, logdir: str | os.PathLike[str],
     with open(path, "wb") as f:
         writer = RecordWriter(f)
         writer.write(Event(wall_time=start, file_version="brain.Event:2").SerializeToString())
-        for number, wall_time, counts in points:
+        for n, (number, wall_time, counts) in enumerate(points):
             summary = _summary(s["layers"], counts, known)
+            if n == len(points) - 1 and s.get("offload") is not None:
+                summary.value.extend(offload_values(s["offload"]))
             event = Event(wall_time=wall_time, step=number, summary=summary)
             writer.write(event.SerializeToString())
     return path

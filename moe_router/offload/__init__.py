@@ -3,9 +3,11 @@
 The core here is framework-free (imports no torch / jax / tensorflow): routing traces
 (:class:`RoutingTrace`), eviction policies, the expert cache and its per-layer metrics, the
 offline simulator (:func:`simulate`), synthetic Zipf + Markov traces, lazy safetensors reads, and
-the Prometheus / TensorBoard export of the metrics. The torch side (tiered ``ExpertStore``,
-prefetch thread, compute-where-it-is rule, Hugging Face loading) is imported on first use by
-:func:`from_pretrained`, :func:`offload_model`, :func:`save_experts` and :func:`store_of`.
+thin wrappers over the debugger's Prometheus / TensorBoard export of the metrics (a
+``MoEDebugger`` of an offloaded model carries them in its session record). The torch side
+(tiered ``ExpertStore``, prefetch thread, compute-where-it-is rule, Hugging Face loading, the
+trace recorder) is imported on first use by :func:`from_pretrained`, :func:`offload_model`,
+:func:`save_experts`, :func:`store_of` and :func:`record_trace`.
 
 ::
 
@@ -13,6 +15,7 @@ prefetch thread, compute-where-it-is rule, Hugging Face loading) is imported on 
     r = mo.simulate(trace, num_experts=64, slots=32, policy="lru")    # r.hit_rates per layer
     model = mo.from_pretrained("tiny-mixtral/", experts_per_layer=4)   # transformers + torch
     mo.store_of(model).metrics()                                       # hits, bytes, stall, ...
+    trace = mo.record_trace(model, batches, per_token=True)            # routing of real forwards
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from .trace import RoutingTrace, pinned_from_profile
 
 __all__ = ["COMPUTE", "PATHS", "POLICIES", "ExpertCache", "LayerMetrics", "OffloadConfig",
            "RoutingTrace", "SimulationResult", "from_pretrained", "make_policy",
-           "offload_model", "pinned_from_profile", "save_experts", "simulate", "store_of",
+           "offload_model", "pinned_from_profile", "record_trace", "save_experts", "simulate",
+           "store_of",
            "uniform_trace", "zipf_markov_trace"]
 
 
@@ -61,3 +65,13 @@ def store_of(model: Any) -> Any:
     from moe_router_backends.torch.offload import store_of as get
 
     return get(model)
+
+
+def record_trace(model: Any, batches: Any, **kwargs: Any) -> RoutingTrace:
+    """The :class:`RoutingTrace` of real forwards of a torch model's moe-router layers, with
+    next-router predictions (imports torch); see
+    :func:`moe_router_backends.torch.offload_trace.record_trace` (``forward``, ``predict_k``,
+    ``per_token``)."""
+    from moe_router_backends.torch.offload_trace import record_trace as record
+
+    return record(model, batches, **kwargs)

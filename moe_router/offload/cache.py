@@ -119,6 +119,7 @@ class ExpertCache:
         self.expert_bytes = expert_bytes
         self.prefetch_bytes = prefetch_bytes
         self.policy = make_policy(policy, decay=decay, num_layers=num_layers)
+        self.policy_name = policy
         self.metrics = [LayerMetrics() for _ in range(num_layers)]
         self.now = 0
         self.step = 0
@@ -317,7 +318,9 @@ class ExpertCache:
 
     def summary(self) -> dict[str, Any]:
         """Per-layer :meth:`LayerMetrics.as_dict` and totals (hit rate, precision, recall,
-        bytes, stall; ``peak_resident_bytes`` of the whole cache)."""
+        bytes, stall; ``peak_resident_bytes`` of the whole cache), with the policy, slots per
+        layer, E and the bytes of one expert: the ``"offload"`` section of a debugger session
+        record (:mod:`moe_router.debug.session`)."""
         total = LayerMetrics()
         for m in self.metrics:
             for f in ("hits", "misses", "prefetch_hits", "predicted", "predicted_used",
@@ -328,5 +331,5 @@ class ExpertCache:
                 total.paths[p] += m.paths[p]
         total.peak_resident_bytes = self.peak_resident_bytes
         return {"layers": [m.as_dict() for m in self.metrics], "total": total.as_dict(),
-                "slots": self.slots, "num_experts": self.num_experts,
+                "policy": self.policy_name, "slots": self.slots, "num_experts": self.num_experts,
                 "expert_bytes": self.expert_bytes}

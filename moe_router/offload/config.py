@@ -10,6 +10,8 @@ from .policies import POLICIES
 
 #: values of ``OffloadConfig.compute``
 COMPUTE = ("auto", "move", "there")
+#: the attribute (in a model's ``__dict__``) holding its expert store; the debugger looks here
+STORE_ATTR = "expert_store"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -5,7 +5,8 @@ used at step ``s`` (a decode step, or one forward of a batch: the union over its
 in unused places; and optionally ``predicted`` ``(S, L, P)``: the experts predicted for layer
 ``l`` at step ``s`` *before* it ran (e.g. layer ``l``'s router applied to layer ``l - 1``'s
 hidden state), best first, ``-1`` where there is no prediction (layer 0). Traces are plain
-NumPy (``.npz`` on disk), recorded live by the torch offload store or made by
+NumPy (``.npz`` on disk), recorded from real forwards of a torch model by
+:func:`~moe_router.offload.record_trace` or made by
 :func:`~moe_router.offload.synthetic.zipf_markov_trace`, and replayed by
 :func:`~moe_router.offload.simulate`.
 """

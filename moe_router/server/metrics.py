@@ -1,7 +1,8 @@
 """The monitoring server's Prometheus registry: routing counters of the session (the debugger's
-:class:`~moe_router.debug.prometheus.MoERouterCollector`), health, a serving router's request
-metrics and the server's own request durations. Every name has the ``moe_router_`` prefix,
-base units (seconds) and ``_total`` on counters:
+:class:`~moe_router.debug.prometheus.MoERouterCollector`, with the ``moe_router_offload_*`` metrics
+of an offloaded model's expert store when the session has them), health, a serving router's request
+metrics and the server's own request durations. Every name has the ``moe_router_`` prefix, base
+units (seconds) and ``_total`` on counters:
 
 - ``moe_router_health_status{status}`` (1 for the current status, 0 for the others),
   ``moe_router_issues{severity}`` (issues found now), ``moe_router_uptime_seconds``;

@@ -1,13 +1,14 @@
 """The live page (``/``): one self-contained HTML template, plain JavaScript and inline SVG, no
-external URL. Every ``refresh_s`` seconds it fetches ``api/session`` and ``health`` (relative
-URLs, so it also works behind a path prefix) and redraws the views of the static report
+external URL. Every ``refresh_s`` seconds it fetches ``api/session`` and ``health`` (relative URLs,
+so it also works behind a path prefix) and redraws the views of the static report
 (:mod:`moe_router.debug.report`): the digest, the layer x expert utilisation heatmap, the layers
 table, balancedness over steps, the k histograms, the issues (from ``/health``, i.e.
-:meth:`MoEAnalyzer.detect_issues <moe_router.debug.analyzer.MoEAnalyzer.detect_issues>`) and
-the token view of the trace, plus the serving metrics of a router. The numbers are the session
-record's definitions (:mod:`moe_router.debug.session`): shares of slots, k fractions, max / mean
-load, means over tokens; the dead-expert rule uses the analyzer's defaults. Text from the session
-is only ever set with ``textContent`` / ``setAttribute``, never parsed as HTML.
+:meth:`MoEAnalyzer.detect_issues <moe_router.debug.analyzer.MoEAnalyzer.detect_issues>`) and the
+token view of the trace, plus the serving metrics of a router and, when the session has an
+``"offload"`` section, the expert store's per-layer table (as in the report). The numbers are the
+session record's definitions (:mod:`moe_router.debug.session`): shares of slots, k fractions, max /
+mean load, means over tokens; the dead-expert rule uses the analyzer's defaults. Text from the
+session is only ever set with ``textContent`` / ``setAttribute``, never parsed as HTML.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ svg text{font:10px DejaVu Sans,Arial,sans-serif;fill:#222}
 <section id="serving" hidden><h2>Serving</h2><div id="serving-body"></div></section>
 <section id="utilisation"><h2>Expert utilisation</h2><div id="heatmap"></div></section>
 <section id="layers"><h2>Layers</h2><div id="layers-body"></div></section>
+<section id="offload" hidden><h2>Expert offloading</h2><div id="offload-body"></div></section>
 <section id="balance"><h2>Balancedness</h2><div id="balance-plot"></div></section>
 <section id="k-hist"><h2>Experts per token</h2><div id="k-plot" class="kgrid"></div></section>
 <section id="issues"><h2>Issues</h2><div id="issues-body"></div></section>
@@ -377,6 +379,26 @@ function drawServing(health) {
     h("tr", {}, h("td", {class: "l"}, k), h("td", {}, show(v))))));
 }
 
+function mib(v) { return fin(v) ? fmt(v / 1048576) : "-"; }
+function drawOffload(session) {
+  const o = session && session.offload, sec = document.getElementById("offload");
+  sec.hidden = !o;
+  if (!o) return;
+  const head = ["layer", "hits", "misses", "hit rate", "prefetch precision", "prefetch recall",
+    "moved MiB", "wasted MiB", "stall s", "peak resident MiB"];
+  const rows = (o.layers || []).map((m, i) => [String(i), m]);
+  if (o.total) rows.push(["total", o.total]);
+  const trs = rows.map(([name, m]) => h("tr", {class: "offload-row"}, ...[name, m.hits,
+    m.misses, fmt(m.hit_rate), fmt(m.precision), fmt(m.recall), mib(m.bytes_moved),
+    mib(m.bytes_wasted), fmt(m.stall_s), mib(m.peak_resident_bytes)].map(v => h("td", {}, v))));
+  const line = "policy " + (o.policy || "-") + " \u00b7 " + o.slots + " slots per layer of " +
+    o.num_experts + " experts \u00b7 one expert " + mib(o.expert_bytes) + " MiB \u00b7 " +
+    "prefetch " + (o.prefetch === undefined ? "-" : o.prefetch) + "; counts since the store " +
+    "was made.";
+  put("offload-body", note(line), h("table", {class: "grid", id: "offload-table"},
+    h("tr", {}, ...head.map(t => h("th", {}, t))), ...trs));
+}
+
 function drawHeadline(session, health) {
   const status = health && health.status ? health.status : "unknown";
   const known = ["ok", "degraded", "error"].includes(status);
@@ -395,6 +417,7 @@ function draw(session, health) {
   drawDigest(session);
   drawServing(health);
   drawIssues(health);
+  drawOffload(session);
   if (!session) {
     for (const id of ["heatmap", "layers-body", "balance-plot", "k-plot", "tokens-body"])
       put(id, note("No session (the source has no debugger)."));

@@ -220,18 +220,22 @@ def dumps(value: Any) -> bytes:
 
 
 def _summary(session: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """A few headline numbers of the session for ``/health``."""
+    """A few headline numbers of the session for ``/health`` (with the expert store's overall
+    hit rate when the session has an ``"offload"`` section)."""
     if session is None:
         return None
     totals = session.get("totals") or {}
     rows = [c for mode in ("train", "eval") for c in totals.get(mode) or []]
+    offload = session.get("offload")
+    extra = {} if not offload else {"offload_hit_rate": (offload.get("total") or {})
+                                    .get("hit_rate")}
     return {"name": session.get("name"), "framework": session.get("framework"),
             "running": session.get("ended_at") is None and session.get("started_at") is not None,
             "layers": len(session.get("layers") or []),
             "calls": sum(int(c["calls"]) for c in rows),
             "tokens": sum(int(c["tokens"]) for c in rows),
             "steps": len(session.get("steps") or []),
-            "digest": (session.get("digest") or {}).get("id")}
+            "digest": (session.get("digest") or {}).get("id"), **extra}
 
 
 @dataclasses.dataclass(frozen=True)
