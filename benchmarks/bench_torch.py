@@ -28,6 +28,20 @@ Implementations are timed round-robin over 4 weight copies each (weights come fr
 stays warm; see :func:`interleaved_ms`), median of ``--repeats`` rounds (a quarter of them, at
 least 8, for T >= 1024).
 - ``eff``: floor / ours (target >= 0.9); ``vs eager``: hf eager / ours.
+
+``--check-auto``: instead of the table above, ``auto`` against every registered kernel that can
+run the case (``torch:*`` and the portable ones; those whose temporaries would be huge are left
+out, as ``moe-router tune`` does), each as the layer step of the same 8 layers (the same weight
+memory; in one repeat no two implementations use the same layer, so none finds another's weights
+in cache) with its expert compute pinned to that kernel (no resolution), interleaved in a random
+order,
+``--rounds`` independent rounds of at least ``--repeats`` calls each (more, until each kernel
+ran 0.5 s); per T the median over rounds of ``auto`` / the fastest kernel (medians), PASS when
+<= 1.05; ``q1 ratio`` is the same ratio of lower quartiles (less sensitive to stalls caused by
+other processes). Kernels slower than 2x the best after the first timed call are dropped (never
+``auto`` nor the kernel it resolves to). ``auto`` reads the tuning cache
+(``$MOE_TUNE_CACHE``); ``via`` says whether it took a cached choice (``tuned``) or the
+thresholds.
 """
 
 from __future__ import annotations
@@ -37,11 +51,13 @@ import functools
 import json
 import math
 import platform
+import random
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +67,24 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moe_router.layer.experts import dispatch_info, permute, resolve_kernel, unpermute  # noqa: E402,E501
+from moe_router.layer import tuning  # noqa: E402
+from moe_router.layer.experts import (  # noqa: E402
+    dispatch_info,
+    expert_weights,
+    permute,
+    policy_kernel,
+    resolve_kernel,
+    run_kernel,
+    unpermute,
+)
+from moe_router.layer.step import layer_step  # noqa: E402
+from moe_router.registry import default_registry  # noqa: E402
 from moe_router.torch import MoE, TorchBackend, register_hf_experts  # noqa: E402
 from moe_router_backends.torch.hf_experts import (  # noqa: E402
     choose_experts_kernel,
     experts_weights,
 )
+from moe_router_backends.torch.stages import TorchStages  # noqa: E402
 
 D, FF, E, K = 512, 1024, 8, 2
 B = TorchBackend()
@@ -67,6 +95,8 @@ FORCED = {"grouped_mm": "torch:grouped_mm", "loop": "torch:loop", "padded": "tor
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 #: instances (own weights, 48 MiB each) per implementation, called in turn: > the 32 MiB L3
 COPIES = 4
+#: ``--check-auto``: layers shared by every implementation, each using another one per call
+CHECK_COPIES = 8
 
 
 def interleaved_ms(fns: dict[str, list[Callable[[], object]]], repeats: int,
@@ -253,6 +283,138 @@ def run(tokens: list[int], repeats: int, out: Path, console: Console,
     return result
 
 
+def _round_ms(fns: dict[str, list[Callable[[], object]]], repeats: int,
+              clock: Callable[[], float], keep: tuple[str, ...] = ("auto",),
+              min_time_s: float = 0.5, prune: float = 2.0,
+              seed: int = 0) -> dict[str, list[float]]:
+    """One round of :func:`interleaved_ms` (a random order each repeat, every copy warmed
+    up first): at least ``repeats`` calls each, more (up to 40x) until each ran ``min_time_s``;
+    after the first timed call, implementations slower than ``prune`` times the best are
+    dropped, except those in ``keep``. Returns the samples (ms) of those left."""
+    for copies in fns.values():
+        for fn in copies:
+            fn()
+    rng = random.Random(seed)
+    live = list(fns)
+    shift = {name: j for j, name in enumerate(fns)}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    r = 0
+    while r < repeats or (r < 40 * repeats and min(sum(times[n]) for n in live) < min_time_s):
+        for name in rng.sample(live, len(live)):  # a random order every repeat
+            copies = fns[name]  # shifted copies: no two implementations of a repeat share one
+            t0 = clock()
+            copies[(r + shift[name]) % len(copies)]()
+            times[name].append(clock() - t0)
+        if r == 0:
+            best = min(v[0] for v in times.values())
+            live = [n for n in live if n in keep or times[n][0] <= prune * best]
+        r += 1
+    return {name: [t * 1e3 for t in v] for name, v in times.items() if name in live}
+
+
+class ForcedStages(TorchStages):
+    """Torch's stages with the expert compute pinned to kernel ``name`` (no resolution, so a
+    portable name runs the portable kernel, not what torch's policy maps it to)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(B)
+        self.name = name
+
+    def experts(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor,
+                params: Any, config: Any, dispatch: str | None) -> torch.Tensor:
+        info = dispatch_info(B, config, x_TD, ids_TK.shape[1])
+        return run_kernel(B, self.name, x_TD, ids_TK, gates_TK,
+                          expert_weights(B, params, x_TD), config.activation, info)
+
+
+def forced_step(layer: MoE, params: dict[str, torch.Tensor], x: torch.Tensor,
+                stages: TorchStages) -> torch.Tensor:
+    """``layer(x)`` as the layer step with ``stages`` (``ForcedStages`` pins the kernel; torch's
+    own stages resolve the config's ``auto`` as usual)."""
+    return layer_step(B, params, layer.layer_state(), x, layer.config, need_plan=False,
+                      stages=stages).y
+
+
+def check_auto(tokens: list[int], repeats: int, rounds: int, out: Path, console: Console,
+               clock_name: str = "wall", device: str = "cpu", dtype: str | None = None) -> dict:
+    """``auto`` vs the fastest registered kernel per T (see the module docstring)."""
+    dev = torch.device(device)
+    dt = getattr(torch, dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+    registry = default_registry()
+    base = [MoE.from_hf(hf_block("eager", seed)).eval() for seed in range(CHECK_COPIES)]
+    config = base[0].config.replace(dispatch="auto")
+    layers = [MoE.from_weights(config, m.export_weights(), device=dev, dtype=dt).eval()
+              for m in base]
+    params = [dict(m.named_parameters()) for m in layers]
+    rows = []
+    with torch.inference_mode():
+        for T in tokens:
+            x = torch.randn(1, T, D, generator=torch.Generator().manual_seed(T)).to(dev, dt)
+            info = dispatch_info(B, config, x[0], K)
+            chosen = resolve_kernel(B, "auto", info, x[0])
+            thresholds = policy_kernel(B, "auto", info, x[0])
+            names = tuning.candidates(B, info, FF, x.element_size(), registry)
+            # every implementation runs on the same layers (so the same weight memory), as the
+            # layer step with its expert compute pinned (auto: resolved as usual)
+            reference = layers[0](x)
+            fns: dict[str, list[Callable[[], object]]] = {}
+            for name in ["auto", *names]:
+                stages = B.layer_stages() if name == "auto" else ForcedStages(name)
+                fns[name] = [synced(functools.partial(forced_step, m, p, x, stages), dev)
+                             for m, p in zip(layers, params)]
+                torch.testing.assert_close(fns[name][0](), reference, atol=1e-4, rtol=1e-3)
+            reps = repeats if T < 1024 else max(2 * COPIES, repeats // 4)
+            per_round = []
+            for i in range(rounds):  # a kernel dropped in one round stays out of the next
+                per_round.append(_round_ms(fns, reps, CLOCKS[clock_name],
+                                           keep=("auto", chosen), seed=i))
+                fns = {name: fns[name] for name in per_round[-1]}
+            ratios, q1_ratios = [], []
+            for samples in per_round:  # per round: auto / that round's fastest kernel
+                med = {n: statistics.median(v) for n, v in samples.items()}
+                low = {n: tuning.low_quartile(v) for n, v in samples.items()}
+                ratios.append(med["auto"] / min(v for n, v in med.items() if n != "auto"))
+                q1_ratios.append(low["auto"] / min(v for n, v in low.items() if n != "auto"))
+            medians = {name: statistics.median(statistics.median(t[name])
+                                               for t in per_round if name in t)
+                       for name in ["auto", *names] if any(name in t for t in per_round)}
+            best_name = min((n for n in medians if n != "auto"), key=medians.get)
+            ratio, q1_ratio = statistics.median(ratios), statistics.median(q1_ratios)
+            rows.append({"T": T, "auto_kernel": chosen,
+                         "via": "tuned" if chosen != thresholds else "thresholds",
+                         "threshold_kernel": thresholds, "auto_ms": medians["auto"],
+                         "best_kernel": best_name, "best_ms": medians[best_name],
+                         "auto_vs_best": ratio, "round_ratios": ratios,
+                         "auto_vs_best_q1": q1_ratio, "round_ratios_q1": q1_ratios,
+                         "pass": ratio <= 1.05, "kernels_ms": medians})
+            console.print(f"T={T} done: auto={chosen} {ratio:.3f} of {best_name}", style="dim")
+    where = (f"{torch.get_num_threads()} threads" if dev.type == "cpu"
+             else torch.cuda.get_device_name(dev))
+    table = Table(title=f"auto vs the fastest registered kernel, d={D} f={FF} E={E} k={K} "
+                        f"{str(dt)[6:]} {dev.type.upper()} ({where}), median {clock_name} ms, "
+                        f"{rounds} rounds")
+    kernels = sorted({n for row in rows for n in row["kernels_ms"] if n != "auto"})
+    for title in ("T", "auto", "via", "auto ms", "best", "best ms", "auto/best", "ok",
+                  "q1 ratio", *kernels):
+        table.add_column(title, justify="right")
+    for row in rows:
+        table.add_row(str(row["T"]), row["auto_kernel"], row["via"], f"{row['auto_ms']:.3f}",
+                      row["best_kernel"], f"{row['best_ms']:.3f}", f"{row['auto_vs_best']:.3f}",
+                      "PASS" if row["pass"] else "FAIL", f"{row['auto_vs_best_q1']:.3f}",
+                      *(f"{row['kernels_ms'][k]:.3f}" if k in row["kernels_ms"] else "-"
+                        for k in kernels))
+    console.print(table)
+    result = {"benchmark": "bench_torch --check-auto", "sizes": {"d": D, "f": FF, "E": E, "k": K},
+              "dtype": str(dt).removeprefix("torch."), "device": dev.type, "device_name": where,
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "tune_cache": str(tuning.cache_path()), "clock": clock_name, "rounds": rounds,
+              "repeats": repeats, "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    console.print(f"wrote {out}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -266,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (default benchmarks/results/bench_torch[_cuda].json)")
+    parser.add_argument("--check-auto", action="store_true",
+                        help="auto vs the fastest registered kernel per T (see above)")
+    parser.add_argument("--rounds", type=int, default=3, help="--check-auto: rounds")
     args = parser.parse_args(argv)
     device = args.device
     if device == "auto":
@@ -275,9 +440,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.clock == "cpu" and device == "cuda":
         parser.error("--clock cpu measures host CPU time only; use --clock wall on CUDA")
     suffix = "_cuda" if device == "cuda" else ""
-    out = args.out or ROOT / f"benchmarks/results/bench_torch{suffix}.json"
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.check_auto:
+        out = args.out or ROOT / (f"benchmarks/results/bench_torch_check_auto{suffix}"
+                                  f"_t{torch.get_num_threads()}.json")
+        check_auto([int(t) for t in args.tokens.split(",")], args.repeats, args.rounds, out,
+                   Console(width=190), args.clock, device, args.dtype)
+        return 0
+    out = args.out or ROOT / f"benchmarks/results/bench_torch{suffix}.json"
     run([int(t) for t in args.tokens.split(",")], args.repeats, out, Console(width=190),
         args.clock, device, args.dtype)
     return 0

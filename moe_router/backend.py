@@ -31,10 +31,14 @@ Contract that the conformance suite checks on every backend against NumPy:
 from __future__ import annotations
 
 import abc
+import contextlib
 from typing import Any
 
 Array = Any  # a framework array: numpy.ndarray, torch.Tensor, jax.Array, tf.Tensor
 DType = str  # "float32" | "int" | "int32" | "bool"
+
+#: the do-nothing scope (reusable and reentrant)
+NO_SCOPE: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
 
 class Backend(abc.ABC):
@@ -86,6 +90,12 @@ class Backend(abc.ABC):
     def is_tracing(self, x: Array) -> bool:
         """True when ``x`` is symbolic (jit / tf.function / compile): no data checks then."""
         return False
+
+    def scope(self, name: str) -> contextlib.AbstractContextManager[Any]:
+        """A named region for the framework's profiler (``moe_router/router_gemm``, ...): the
+        layer step wraps its phases in it. Must cost next to nothing when no profiler runs and
+        must not break tracing; the default does nothing."""
+        return NO_SCOPE
 
     # ----- creation ---------------------------------------------------------------------------
     @abc.abstractmethod

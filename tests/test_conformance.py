@@ -220,7 +220,7 @@ CHECKS: dict[str, Check] = {
 }
 #: primitives without an array result: checked by the contract tests below
 CONTRACT_ONLY = {"is_array", "to_numpy", "dtype_kind", "shape", "dim", "is_tracing",
-                 "all_finite", "is_host", "random_uniform", "random_normal"}
+                 "all_finite", "is_host", "random_uniform", "random_normal", "scope"}
 
 
 def as_backend(b: Backend, value: np.ndarray) -> Any:

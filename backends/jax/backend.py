@@ -89,6 +89,10 @@ class JaxBackend(Backend):
     def is_tracing(self, x: Array) -> bool:
         return isinstance(x, jax.core.Tracer)
 
+    def scope(self, name: str) -> Any:
+        """``jax.named_scope(name)``: the traced ops carry the name (XLA metadata, profiler)."""
+        return jax.named_scope(name)
+
     # ----- creation ---------------------------------------------------------------------------
     def arange(self, n: Any, like: Array) -> Array:
         return jnp.arange(int(n), dtype=jnp.int32)

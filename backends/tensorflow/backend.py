@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from moe_router.backend import Array, Backend, DType
+from moe_router.backend import NO_SCOPE, Array, Backend, DType
 
 _DTYPES = {"float32": tf.float32, "int": tf.int32, "int32": tf.int32, "bool": tf.bool}
 
@@ -123,6 +123,11 @@ class TensorFlowBackend(Backend):
 
     def is_tracing(self, x: Array) -> bool:
         return bool(tf.is_symbolic_tensor(x)) or not tf.executing_eagerly()
+
+    def scope(self, name: str) -> Any:
+        """``tf.name_scope(name)`` in a graph (``tf.function``): its ops get the prefix
+        (TensorBoard, profiler); nothing when eager, where ops have no names."""
+        return NO_SCOPE if tf.executing_eagerly() else tf.name_scope(name)
 
     def layer_stages(self) -> Any:
         """The layer step's TensorFlow stages (one cached instance): symbolic-shape output

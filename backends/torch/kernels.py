@@ -26,6 +26,11 @@ token (K <= E), ``torch:grouped_mm`` on CUDA where supported, else ``torch:padde
 grouped kernel at every T); under ``torch.compile``: ``torch:grouped_mm`` where supported, else
 the portable ``dense``. ``sorted`` maps to the best dropless grouped kernel of the same choice,
 ``gather`` to ``torch:gather`` when eager; ``capacity`` and ``dense`` stay portable.
+
+These thresholds are the answer without measurements: when the tuning cache has an entry for the
+layer's shape, token bucket, dtype, device and thread count (``moe-router tune``,
+``MOE_AUTOTUNE=1``; :mod:`moe_router.layer.tuning`), eager ``auto`` takes the measured kernel
+instead and this policy is not asked.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from .common import CLIError
 from .info import _version
 
 #: Subcommand modules (``moe_router.cli.<name>``), in help order.
-COMMANDS = ("bench", "demo", "info", "report", "serve", "validate")
+COMMANDS = ("bench", "demo", "info", "profile", "report", "serve", "tune", "validate")
 
 
 def build_parser() -> argparse.ArgumentParser:

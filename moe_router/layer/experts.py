@@ -17,12 +17,21 @@ Portable dispatch names (``MoEConfig.dispatch``) mean the same on every framewor
 (dropless, sort-based), ``capacity`` (a static ``(E, C, D)`` buffer, C = the router's capacity),
 ``dense``, ``gather``, and ``auto`` (the framework's policy picks). A framework's policy may
 answer a portable name with a faster exact kernel of its own; qualified names such as
-``torch:grouped_mm`` force one.
+``torch:grouped_mm`` force one. With a tuning cache (:mod:`moe_router.layer.tuning`), ``auto``
+takes the kernel measured fastest for the layer's shape, token bucket, dtype, device and threads.
+
+Resilience: a *framework* kernel that raises when eager (unsupported dtype, device or shape) is
+replaced by the portable :data:`FALLBACK_KERNEL` (the same result as dispatching it), with one
+:class:`KernelFallbackWarning` per (kernel, dtype, device, shape bucket), which is not retried
+again, and a count (:func:`fallback_counts`, kept in the registry). Never under tracing: catching a
+trace-time error would silently compile another program; our own errors and out-of-memory errors
+always propagate.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -30,9 +39,21 @@ import einops
 
 from ..backend import Array, Backend
 from ..config import MoEConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, MoERouterError
+from . import tuning
+from .tuning import device_name, dtype_name, token_bucket
 
 PORTABLE = ("auto", "sorted", "capacity", "dense", "gather")
+#: the portable kernel a failing framework kernel falls back to
+FALLBACK_KERNEL = "sorted"
+#: ``Backend.scope`` name of each phase of the layer step (``moe-router profile``)
+SCOPES = {phase: f"moe_router/{phase}"
+          for phase in ("router_gemm", "select", "permute", "experts", "combine", "shared")}
+
+
+class KernelFallbackWarning(UserWarning):
+    """A framework expert kernel raised at run time: the portable :data:`FALLBACK_KERNEL` runs
+    instead for that kernel, dtype, device and shape bucket (warned once per such case)."""
 
 
 class ExpertWeights(NamedTuple):
@@ -280,8 +301,10 @@ def default_policy(request: str, info: DispatchInfo) -> str:
 def resolve_kernel(b: Backend, request: str, info: DispatchInfo, x_TD: Array) -> str:
     """The kernel name ``request`` (a portable or qualified dispatch name) resolves to.
 
-    Eager answers are remembered per (request, sizes, config, device, dtype), so a decode loop
-    pays the policy once; traced calls ask the policy (it runs once per trace anyway).
+    ``auto`` when eager takes the tuning cache's kernel for this case if there is one
+    (:func:`moe_router.layer.tuning.tuned_kernel`), else the framework's policy answers. Eager
+    answers are remembered per (request, sizes, config, device, dtype, threads, cache state), so
+    a decode loop pays the policy once; traced calls ask the policy (once per trace anyway).
     """
     if ":" in request:
         return request
@@ -290,15 +313,27 @@ def resolve_kernel(b: Backend, request: str, info: DispatchInfo, x_TD: Array) ->
     registry = default_registry()
 
     def ask() -> str:
-        policy = registry.dispatch_policy(b.framework)
-        chosen = policy(request, info, x_TD) if policy is not None else None
-        return chosen or default_policy(request, info)
+        if request == "auto" and not info.traced:
+            tuned = tuning.tuned_kernel(b, info, x_TD, registry)
+            if tuned is not None:
+                return tuned
+        return policy_kernel(b, request, info, x_TD)
 
     if info.traced or not isinstance(info.capacity, (int, type(None))):
         return ask()
     key = (b.framework, request, info, str(getattr(x_TD, "device", "")),
-           str(getattr(x_TD, "dtype", "")))
+           str(getattr(x_TD, "dtype", "")),
+           tuning.token(b.framework, registry) if request == "auto" else None)
     return registry.memo("kernel", key, ask)
+
+
+def policy_kernel(b: Backend, request: str, info: DispatchInfo, x_TD: Array) -> str:
+    """What the framework's dispatch policy (size thresholds; no tuning cache) answers."""
+    from ..registry import default_registry
+
+    policy = default_registry().dispatch_policy(b.framework)
+    chosen = policy(request, info, x_TD) if policy is not None else None
+    return chosen or default_policy(request, info)
 
 
 def check_dispatch_framework(framework: str, config: MoEConfig) -> None:
@@ -350,15 +385,107 @@ def expert_compute(b: Backend, x_TD: Array, ids_TK: Array, gates_TK: Array,
                    params: Mapping[str, Array], config: MoEConfig, request: str | None = None,
                    traced: bool = False) -> Array:
     """``(T, D)``: sum over used slots of ``gate * expert(x)`` with the resolved kernel."""
-    from ..registry import default_registry
-
     info = dispatch_info(b, config, x_TD, b.shape(ids_TK)[1], traced)
     name = resolve_kernel(b, request or config.dispatch, info, x_TD)
+    return run_kernel(b, name, x_TD, ids_TK, gates_TK, expert_weights(b, params, x_TD),
+                      config.activation, info)
+
+
+def run_kernel(b: Backend, name: str, x_TD: Array, ids_TK: Array, gates_TK: Array,
+               w: ExpertWeights, activation: str, info: DispatchInfo, *,
+               fallback: bool = True) -> Array:
+    """``(T, D)`` expert output of kernel ``name`` (no resolution): permute, kernel, unpermute
+    for a grouped kernel, the kernel alone for a tokens kernel. A framework kernel that raises
+    when eager falls back to :data:`FALLBACK_KERNEL` (see the module docstring) unless
+    ``fallback=False``."""
+    from ..registry import default_registry
+
     registry = default_registry()
-    spec, kernel = registry.kernel_spec(name), registry.kernel(name)
-    w = expert_weights(b, params, x_TD)
+    spec = registry.kernel_spec(name)
+    guard = fallback and spec.framework is not None and not info.traced
+    if guard:
+        record = kernel_fallbacks(registry)
+        if record.failed and _case(b, name, x_TD, w, info) in record.failed:
+            record.counts[name] = record.counts.get(name, 0) + 1
+            return run_kernel(b, FALLBACK_KERNEL, x_TD, ids_TK, gates_TK, w, activation, info,
+                              fallback=False)
+    kernel = registry.kernel(name)
+
+    def attempt(*args: Any) -> Array | None:
+        if not guard:
+            return kernel(*args)
+        try:
+            return kernel(*args)
+        except Exception as err:  # noqa: BLE001 (any framework error; ours re-raised)
+            _failed(b, name, x_TD, w, info, err, registry)
+            return None
+
     if spec.kind == "tokens":
-        return kernel(b, x_TD, ids_TK, gates_TK, w, config.activation, info)
-    x_SD, perm = permute(b, x_TD, ids_TK, config.num_experts)
-    out_SD = kernel(b, x_SD, perm, w, config.activation, info)
-    return unpermute(b, out_SD, perm, gates_TK)
+        with b.scope(SCOPES["experts"]):
+            out_TD = attempt(b, x_TD, ids_TK, gates_TK, w, activation, info)
+        return out_TD if out_TD is not None else run_kernel(
+            b, FALLBACK_KERNEL, x_TD, ids_TK, gates_TK, w, activation, info, fallback=False)
+    with b.scope(SCOPES["permute"]):
+        x_SD, perm = permute(b, x_TD, ids_TK, info.num_experts)
+    with b.scope(SCOPES["experts"]):
+        out_SD = attempt(b, x_SD, perm, w, activation, info)
+        if out_SD is None:
+            out_SD = registry.kernel(FALLBACK_KERNEL)(b, x_SD, perm, w, activation, info)
+    with b.scope(SCOPES["combine"]):
+        return unpermute(b, out_SD, perm, gates_TK)
+
+
+# ----- run-time fallback of failing framework kernels ----------------------------------------
+class KernelFallbacks:
+    """What failed, per registry (:func:`kernel_fallbacks`).
+
+    Attributes:
+        failed: ``(kernel, dtype, device, bucket) -> "ErrorType: message"`` of each failing
+            case; bucket = ``(T rounded up to a power of 2, K, E, F, D)``.
+        counts: kernel name -> calls that ran :data:`FALLBACK_KERNEL` instead of it.
+    """
+
+    def __init__(self) -> None:
+        self.failed: dict[tuple[Any, ...], str] = {}
+        self.counts: dict[str, int] = {}
+
+
+def kernel_fallbacks(registry: Any = None) -> KernelFallbacks:
+    """The fallback record of ``registry`` (default: the process registry); it lives in the
+    registry's memo, so registering or removing a plugin starts a fresh one."""
+    if registry is None:
+        from ..registry import default_registry
+
+        registry = default_registry()
+    return registry.memo("kernel_fallbacks", "record", KernelFallbacks)  # type: ignore[no-any-return]
+
+
+def fallback_counts(registry: Any = None) -> dict[str, int]:
+    """Kernel name -> number of calls that ran the portable fallback instead (for metrics)."""
+    return dict(kernel_fallbacks(registry).counts)
+
+
+def _case(b: Backend, name: str, x_TD: Array, w: ExpertWeights,
+          info: DispatchInfo) -> tuple[Any, ...]:
+    F, D = b.shape(w.w_down)[1:]
+    return (name, dtype_name(x_TD), device_name(x_TD),
+            (token_bucket(info.num_tokens), info.num_slots, info.num_experts, F, D))
+
+
+def _failed(b: Backend, name: str, x_TD: Array, w: ExpertWeights, info: DispatchInfo,
+            err: Exception, registry: Any) -> None:
+    """Record, count and warn about a failed kernel call; re-raise what must not be caught."""
+    if isinstance(err, (MoERouterError, MemoryError)) or "OutOfMemory" in type(err).__name__:
+        raise err
+    record = kernel_fallbacks(registry)
+    case = _case(b, name, x_TD, w, info)
+    first_line = (str(err).strip().splitlines() or [""])[0][:200]
+    record.failed[case] = f"{type(err).__name__}: {first_line}"
+    record.counts[name] = record.counts.get(name, 0) + 1
+    _, dtype, device, (bucket, K, E, F, D) = case
+    warnings.warn(
+        f"expert kernel {name!r} failed ({record.failed[case]}) for {dtype} on "
+        f"{device or 'host'}, T<={bucket} tokens, K={K}, E={E}, F={F}, D={D}; the portable "
+        f"{FALLBACK_KERNEL!r} kernel runs instead for this case from now on (same result; "
+        f"counted in moe_router.layer.experts.fallback_counts())",
+        KernelFallbackWarning, stacklevel=4)

@@ -17,6 +17,12 @@ A backend may replace a stage with a faster *exact* version by returning a subcl
 :class:`LayerStages` from ``Backend.layer_stages()`` (e.g. torch computes the router logits
 outside autocast and has a short top-k path for inference); ``tests/test_layer_stages.py`` checks
 every override against the generic stage.
+
+Profiling: the phases run inside ``Backend.scope`` regions named by
+:data:`~moe_router.layer.experts.SCOPES` (``moe_router/router_gemm``, ``moe_router/select``,
+``moe_router/permute``, ``moe_router/experts``, ``moe_router/combine``, ``moe_router/shared``):
+``torch.profiler.record_function`` while a torch profiler runs, ``jax.named_scope``,
+``tf.name_scope`` in graphs; ``moe-router profile`` adds them up.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from ..backend import Array, Backend
 from ..config import MoEConfig, RouterConfig
 from ..errors import InputError, InputTypeError
 from ..plan import RouterState, RoutingPlan
-from .experts import expert_compute, shared_expert
+from .experts import SCOPES, expert_compute, shared_expert
 from .observers import StepEvent, active_observers, update_observers
 from .state import EXPERT_BIAS, OBSERVER_PREFIX, ROUTER_STATE, LayerState
 
@@ -190,37 +196,39 @@ def layer_step(b: Backend, params: Mapping[str, Array], state: LayerState, x: Ar
     check_input(b, x, config.d_model)
     x_TD = b.reshape(x, (-1, config.d_model))
     T = b.dim(x_TD, 0)
-    logits_TE = stages.router_logits(x_TD, params, config)
-    check_finite(b, logits_TE, r, "x", "the router logits computed from it contain")
-    kwargs: dict[str, Any] = {"hidden_TD": x_TD}
-    for name, value in (("token_ids", token_ids), ("complexity_scores", complexity_scores),
-                        ("mask", mask)):
-        if value is not None:
-            kwargs[PER_TOKEN[name]] = per_token(b, name, value, T)
-    if attention_probs is not None:
-        kwargs["attention_probs"] = attention_probs
-    if forced_experts is not None:
-        kwargs["forced_experts_TK"] = _per_token_slots(b, "forced_experts", forced_experts, T)
-        if forced_weights is not None:
-            kwargs["forced_weights_TK"] = _per_token_slots(b, "forced_weights", forced_weights,
-                                                           T)
-    if state.expert_bias is not None:
-        kwargs["expert_bias_E"] = b.stop_gradient(state.expert_bias)
-    stateful = r.strategy_spec.stateful
-    if stateful:
-        kwargs["state"] = state.router
-    observers = active_observers(config)
-    watching = update or any(getattr(o, "observes_inference", False) for o in observers)
-    plan: RoutingPlan | None = None
-    fast = None
-    if not (need_plan or training or watching or forced_experts is not None):
-        fast = stages.fast_select(logits_TE, r, kwargs)
-    if fast is not None:
-        ids_TK, gates_TK = fast
-    else:
-        plan = stages.route(logits_TE, r, training=training, update_state=update, rng=rng,
-                            **kwargs)
-        ids_TK, gates_TK = plan.expert_indices, plan.expert_weights
+    with b.scope(SCOPES["router_gemm"]):
+        logits_TE = stages.router_logits(x_TD, params, config)
+    with b.scope(SCOPES["select"]):  # the finite check, the options, top-k or route()
+        check_finite(b, logits_TE, r, "x", "the router logits computed from it contain")
+        kwargs: dict[str, Any] = {"hidden_TD": x_TD}
+        for name, value in (("token_ids", token_ids), ("complexity_scores", complexity_scores),
+                            ("mask", mask)):
+            if value is not None:
+                kwargs[PER_TOKEN[name]] = per_token(b, name, value, T)
+        if attention_probs is not None:
+            kwargs["attention_probs"] = attention_probs
+        if forced_experts is not None:
+            kwargs["forced_experts_TK"] = _per_token_slots(b, "forced_experts", forced_experts, T)
+            if forced_weights is not None:
+                kwargs["forced_weights_TK"] = _per_token_slots(b, "forced_weights", forced_weights,
+                                                               T)
+        if state.expert_bias is not None:
+            kwargs["expert_bias_E"] = b.stop_gradient(state.expert_bias)
+        stateful = r.strategy_spec.stateful
+        if stateful:
+            kwargs["state"] = state.router
+        observers = active_observers(config)
+        watching = update or any(getattr(o, "observes_inference", False) for o in observers)
+        plan: RoutingPlan | None = None
+        fast = None
+        if not (need_plan or training or watching or forced_experts is not None):
+            fast = stages.fast_select(logits_TE, r, kwargs)
+        if fast is not None:
+            ids_TK, gates_TK = fast
+        else:
+            plan = stages.route(logits_TE, r, training=training, update_state=update, rng=rng,
+                                **kwargs)
+            ids_TK, gates_TK = plan.expert_indices, plan.expert_weights
     updated: list[str] = []
     router_state = state.router
     if plan is not None and update and stateful and plan.state is not None:
@@ -241,7 +249,8 @@ def layer_step(b: Backend, params: Mapping[str, Array], state: LayerState, x: Ar
     else:
         y_TD = stages.experts(x_TD, ids_TK, gates_TK, params, config, dispatch)
         if config.has_shared:
-            y_TD = y_TD + stages.shared(x_TD, params, config)
+            with b.scope(SCOPES["shared"]):
+                y_TD = y_TD + stages.shared(x_TD, params, config)
     y = stages.restore_shape(y_TD, x)
     new_state = LayerState(router=router_state, expert_bias=state.expert_bias,
                            observers=observed)

@@ -328,9 +328,8 @@ def _backends() -> dict[str, dict[str, Any]]:
 
 
 def _fallback_count() -> int:
-    """Kernel fallbacks recorded in this process (0 when the layer code records none)."""
-    counter = getattr(default_registry(), "fallback_counts", None)
-    if counter is None:
-        return 0
-    counts = counter() if callable(counter) else counter
-    return int(sum(dict(counts).values())) if counts else 0
+    """Calls of this process's layers that ran the portable kernel because a framework kernel
+    failed (:func:`moe_router.layer.experts.fallback_counts`)."""
+    from ..layer.experts import fallback_counts
+
+    return int(sum(fallback_counts().values()))
