@@ -79,6 +79,7 @@ TOOL_VARIABLES: dict[str, str] = {
     "MOE_FUZZ_CASES": "tests: number of fuzzed routing cases",
     "MOE_FUZZ_SECONDS": "tests: time budget of the routing fuzzer",
     "MOE_FUZZ_SEED": "tests: seed of the routing fuzzer",
+    "MOE_VERBOSE_BENCH": "tests: 1 = print the bounded server load test's figures",
 }
 
 
