@@ -40,8 +40,8 @@ ran 0.5 s); per T the median over rounds of ``auto`` / the fastest kernel (media
 <= 1.05; ``q1 ratio`` is the same ratio of lower quartiles (less sensitive to stalls caused by
 other processes). Kernels slower than 2x the best after the first timed call are dropped (never
 ``auto`` nor the kernel it resolves to). ``auto`` reads the tuning cache
-(``$MOE_TUNE_CACHE``); ``via`` says whether it took a cached choice (``tuned``) or the
-thresholds.
+(``$MOE_TUNE_CACHE``); ``via`` says whether the cache had an entry for the case (and what the
+thresholds would pick) or ``auto`` kept the thresholds.
 """
 
 from __future__ import annotations
@@ -353,6 +353,11 @@ def check_auto(tokens: list[int], repeats: int, rounds: int, out: Path, console:
             info = dispatch_info(B, config, x[0], K)
             chosen = resolve_kernel(B, "auto", info, x[0])
             thresholds = policy_kernel(B, "auto", info, x[0])
+            key = tuning.tune_key(B, config, K, T, x[0], registry).text()
+            cached = tuning.state(registry).entries(tuning.cache_path()).get(key)
+            via = ("thresholds (no cache entry)" if cached is None else
+                   "cache" + (" (= thresholds)" if chosen == thresholds
+                              else f" (thresholds: {thresholds})"))
             names = tuning.candidates(B, info, FF, x.element_size(), registry)
             # every implementation runs on the same layers (so the same weight memory), as the
             # layer step with its expert compute pinned (auto: resolved as usual)
@@ -381,7 +386,7 @@ def check_auto(tokens: list[int], repeats: int, rounds: int, out: Path, console:
             best_name = min((n for n in medians if n != "auto"), key=medians.get)
             ratio, q1_ratio = statistics.median(ratios), statistics.median(q1_ratios)
             rows.append({"T": T, "auto_kernel": chosen,
-                         "via": "tuned" if chosen != thresholds else "thresholds",
+                         "via": via,
                          "threshold_kernel": thresholds, "auto_ms": medians["auto"],
                          "best_kernel": best_name, "best_ms": medians[best_name],
                          "auto_vs_best": ratio, "round_ratios": ratios,
