@@ -14,6 +14,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from offload_models import Residual  # noqa: E402
+
 import moe_router as mr  # noqa: E402
 import moe_router.offload as mo  # noqa: E402
 from moe_router.debug import MoEDebugger  # noqa: E402
@@ -39,15 +41,6 @@ PROM = {"hits": "moe_router_offload_hits_total", "misses": "moe_router_offload_m
         "peak_resident_bytes": "moe_router_offload_peak_resident_bytes"}
 
 
-class Residual(torch.nn.Module):
-    def __init__(self, layers):
-        super().__init__()
-        self.layers = torch.nn.ModuleList(layers)
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = x + layer(x)
-        return x
 
 
 def _offloaded(steps: int = 10):

@@ -12,6 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from offload_models import Residual  # noqa: E402
+
 import moe_router as mr  # noqa: E402
 import moe_router.offload as mo  # noqa: E402
 from moe_router.errors import InputError, InputTypeError  # noqa: E402
@@ -22,17 +24,6 @@ pytestmark = [pytest.mark.torch]
 D, F_, E = 32, 48, 8
 
 
-class Residual(torch.nn.Module):
-    """``x + moe(x)`` blocks: consecutive layers see similar inputs, as in a decoder."""
-
-    def __init__(self, layers):
-        super().__init__()
-        self.layers = torch.nn.ModuleList(layers)
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = x + layer(x)
-        return x
 
 
 def _model(n=3, shared_router=False, std=0.02):

@@ -16,6 +16,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from offload_models import Residual  # noqa: E402
+
 import moe_router as mr  # noqa: E402
 import moe_router.offload as mo  # noqa: E402
 from moe_router.errors import InputError  # noqa: E402
@@ -27,15 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 D, F_, E = 32, 48, 8
 
 
-class Residual(torch.nn.Module):
-    def __init__(self, layers):
-        super().__init__()
-        self.layers = torch.nn.ModuleList(layers)
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = x + layer(x)
-        return x
 
 
 def _model(n: int = 3) -> Residual:
