@@ -11,6 +11,13 @@ from __future__ import annotations
 
 from moe_router.errors import UnknownFieldError
 from moe_router_backends.torch.backend import TorchBackend
+from moe_router_backends.torch.expert_parallel import (
+    ExpertParallelGroups,
+    expert_parallel,
+    expert_parallel_groups,
+    expert_parameters,
+    sync_gradients,
+)
 from moe_router_backends.torch.hf import (
     from_hf_block,
     replace_moe_blocks,
@@ -27,6 +34,8 @@ from moe_router_backends.torch.model import calibrate, moe_layers, total_aux_los
 
 register_hf_experts_lazily()
 
-__all__ = ["MoE", "TorchBackend", "UnknownFieldError", "calibrate", "from_hf_block",
+__all__ = ["ExpertParallelGroups", "MoE", "TorchBackend", "UnknownFieldError", "calibrate",
+           "expert_parallel", "expert_parallel_groups", "expert_parameters", "from_hf_block",
            "moe_layers", "moe_router_experts_forward", "register_hf_experts",
-           "replace_moe_blocks", "set_strategy", "total_aux_loss", "use_moe_router_experts"]
+           "replace_moe_blocks", "set_strategy", "sync_gradients", "total_aux_loss",
+           "use_moe_router_experts"]

@@ -83,6 +83,9 @@ def test_zipf_planning_lowers_max_over_mean():
     # Without replicas the hottest expert alone bounds the busiest rank; replicas break that.
     bound = load.max() / (load.sum() / 4)  # the rank holding the hottest expert, alone
     assert planned_ratio >= bound - 1e-12 and bound > replicated_ratio
+    # with 4 slots per rank, the optimum: the hottest expert's rank also holds the 3 lightest
+    optimum = (load.max() + np.sort(load)[:3].sum()) / (load.sum() / 4)
+    assert planned_ratio == pytest.approx(optimum)
     assert replicated.replicas_E.sum() == 20 and replicated.replicas_E[0] > 1
     report = placement_report(load, replicated)
     assert report.baseline_max_over_mean == pytest.approx(contiguous)

@@ -45,6 +45,8 @@ from moe_router.layer.experts import Permutation, permutation
 from .backend import TorchBackend
 from .kernels import PADDED_MAX_SLOTS, _zero_tail, grouped_mm
 
+#: set on an experts module made expert-parallel (:mod:`.expert_parallel`)
+EP_ATTR = "_moe_router_expert_parallel"
 #: the name under which transformers finds us (``experts_implementation="moe_router"``)
 NAME = "moe_router"
 #: the module holding ``ALL_EXPERTS_FUNCTIONS``
@@ -326,6 +328,12 @@ def moe_router_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
     dtype = w.w_in_EDN.dtype
     x_TD = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)
     ids_TK = top_k_index
+    if EP_ATTR in self.__dict__:  # our expert parallelism: the local experts after the exchange
+        from .expert_parallel import hf_experts_forward
+
+        y_TD = hf_experts_forward(self, x_TD, ids_TK, top_k_weights, lambda x, ids, gates: (
+            moe_router_experts_forward(_Local(self), x, ids, gates, kernel)))
+        return y_TD if y_TD.dtype == hidden_states.dtype else y_TD.to(hidden_states.dtype)
     if self._is_expert_parallel:  # ids >= E belong to other ranks: unused here
         ids_TK = torch.where(ids_TK < self.num_experts, ids_TK, -1)
     chosen = kernel or choose_experts_kernel(x_TD, w, T * K)
@@ -334,6 +342,16 @@ def moe_router_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
     else:
         y_TD = _sorted_forward(self, x_TD, ids_TK, top_k_weights, w, chosen, kernel is None)
     return y_TD if y_TD.dtype == hidden_states.dtype else y_TD.to(hidden_states.dtype)
+
+
+class _Local:
+    """An expert-parallel experts module seen as its local experts only (attribute proxy)."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        self.__dict__["_experts"] = experts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_experts"], name)
 
 
 def _sorted_forward(experts: nn.Module, x_TD: torch.Tensor, ids_TK: torch.Tensor,

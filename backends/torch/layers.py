@@ -100,6 +100,13 @@ class MoE(nn.Module):
 
     #: the router module's class (a subclass may compute the logits its own way)
     _router_class: type[Router] = Router
+    #: the process group whose ranks' statistics are pooled (expert-load counts of the aux-free
+    #: bias, ``export_state(across_ranks=True)``); ``None``: the default (world) group
+    stats_group: Any = None
+    #: what pooled statistics cover, in words (reports)
+    stats_scope: str = "the default process group (every rank) when torch.distributed runs"
+    #: the debugger reads the counters summed over :attr:`stats_group` (expert parallelism)
+    pool_stats: bool = False
 
     def __init__(self, config: MoEConfig, *, seed: int | None = None,
                  device: torch.device | str | None = None,
@@ -293,10 +300,23 @@ class MoE(nn.Module):
         return state_from_arrays(_TORCH, {name: _get(self, name) for name in self._names[1]},
                                  self.config)
 
-    def export_state(self) -> dict[str, np.ndarray]:
-        """Every flat state array (``router.state``, ``router.expert_bias``, observers)."""
-        return {name: _get(self, name).detach().cpu().numpy().copy()
-                for name in self._names[1]}
+    def export_state(self, *, across_ranks: bool = False) -> dict[str, np.ndarray]:
+        """Every flat state array (``router.state``, ``router.expert_bias``, observers).
+
+        ``across_ranks``: the observers' counters summed over :attr:`stats_group` (a collective:
+        every rank of the group calls it) when ``torch.distributed`` is initialized; ring
+        buffers (the routing trace) and the router state stay this rank's."""
+        fields = state_fields(self.config)
+        reduce = across_ranks and torch.distributed.is_available() and \
+            torch.distributed.is_initialized()
+        out = {}
+        for name in self._names[1]:
+            tensor = _get(self, name).detach()
+            if reduce and name.startswith("observers.") and fields[name].kind == "counter":
+                tensor = tensor.clone()
+                torch.distributed.all_reduce(tensor, group=self.stats_group)
+            out[name] = tensor.cpu().numpy().copy()
+        return out
 
     def _write_state(self, state: LayerState, names: tuple[str, ...]) -> None:
         arrays = state_to_arrays(_TORCH, state, names)
@@ -319,9 +339,10 @@ class MoE(nn.Module):
     @torch.no_grad()
     def update_expert_bias(self, expert_counts: Any = None) -> torch.Tensor:
         """Aux-free balancing step (:func:`~moe_router.layer.step.bias_step`) from the
-        ``observers.expert_load.counts`` accumulated since the last call (summed over ranks when
-        ``torch.distributed`` is initialized), or from ``expert_counts`` (``(E,)``, used as
-        given); the counts then restart from zero. Returns the new ``(E,)`` float32 bias.
+        ``observers.expert_load.counts`` accumulated since the last call (summed over the ranks
+        of :attr:`stats_group` when ``torch.distributed`` is initialized), or from
+        ``expert_counts`` (``(E,)``, used as given); the counts then restart from zero.
+        Returns the new ``(E,)`` float32 bias.
 
         Raises:
             InputError: the router has no expert bias.
@@ -334,7 +355,7 @@ class MoE(nn.Module):
             counts = state.observers["expert_load"]["counts"]
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 counts = counts.clone()
-                torch.distributed.all_reduce(counts)
+                torch.distributed.all_reduce(counts, group=self.stats_group)
         new = bias_step(_TORCH, state, self.config, counts)
         self._write_state(new, BIAS_STEP_UPDATES)
         return new.expert_bias.clone()

@@ -15,6 +15,7 @@ strings, lists, dicts, ``None``)::
                  "id": hex16},                     # sha256 of the other four, first 16 hex
       "layers": [{"index": 0, "name": "model.layers.0.mlp", "num_experts": E, "max_slots": K,
                   "strategy": "top_p", "min_experts": int, "max_experts": int,
+                  "counters_cover": "this process" | "data-parallel group (4 ranks: ...)",
                   "config": dict | None}],          # MoEConfig as a dict (None: manual events)
       "totals": {"train": [LAYER_COUNTS, ...], "eval": [LAYER_COUNTS, ...]},  # one per layer
       "steps": [{"step": int, "time": float,      # seconds since started_at

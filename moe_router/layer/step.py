@@ -68,6 +68,10 @@ class StepOutput(NamedTuple):
 class LayerStages:
     """The overridable stages of the step; a backend may subclass it (exact overrides only)."""
 
+    #: ``experts`` must run even for zero tokens (a collective stage, such as expert
+    #: parallelism's all-to-all, where the other ranks wait for this one)
+    collective: bool = False
+
     def __init__(self, backend: Backend) -> None:
         self.b = backend
 
@@ -244,7 +248,7 @@ def layer_step(b: Backend, params: Mapping[str, Array], state: LayerState, x: Ar
         for name, fields in update_observers(b, state.observers, event).items():
             observed[name] = fields
             updated.extend(f"{OBSERVER_PREFIX}{name}.{field}" for field in fields)
-    if isinstance(T, int) and T == 0:
+    if isinstance(T, int) and T == 0 and not stages.collective:
         y_TD = x_TD * 0.0
     else:
         y_TD = stages.experts(x_TD, ids_TK, gates_TK, params, config, dispatch)

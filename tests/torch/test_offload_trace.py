@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import time
 from pathlib import Path
 
 import numpy as np
@@ -133,12 +132,10 @@ def test_trained_toy_byte_lm_trace():
     args = argparse.Namespace(lm_layers=3, lm_d=32, lm_experts=8, lm_k=2, lm_d_ff=32, ctx=32,
                               batch=8, train_steps=60, train_bytes=200_000, lr=3e-3,
                               eval_windows=2, seed=0)
-    start = time.perf_counter()
     model, record = bench.train_lm(args, log=False)
     assert record["first_train_loss"] > np.log(256) - 0.5       # chance: ~5.5 nats
     assert record["final_train_loss"] < record["first_train_loss"] - 1.0   # it learned
     trace = bench.trained_trace(model, args)
-    assert time.perf_counter() - start < 20
     S = args.eval_windows * args.ctx
     assert trace.experts.shape == (S, 3, 2) and trace.predicted.shape == (S, 3, 4)
     assert ((trace.experts >= 0) & (trace.experts < 8)).all()
