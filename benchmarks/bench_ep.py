@@ -266,6 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     worlds = [int(w) for w in args.worlds.split(",")]
+    if args.device == "cuda":  # one GPU per process (NCCL)
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not gpus:
+            raise SystemExit("--device cuda: no GPU visible")
+        skipped = [w for w in worlds if w > gpus]
+        worlds = [w for w in worlds if w <= gpus]
+        if skipped:
+            print(f"skipping {skipped} processes: {gpus} GPU(s) visible, one per process")
     rows = []
     for world in worlds:
         data = launch(args, world)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import tempfile
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -24,6 +25,12 @@ MARKER_MODULES = {"torch": "torch", "jax": "jax", "tensorflow": "tensorflow", "h
 
 # TensorFlow's C++ start-up logging (oneDNN, CUDA probing) buries test output; errors still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Tests never read or write the user's kernel-tuning cache (``moe-router tune``): a developer's
+# tuned entries would change what dispatch="auto" picks, so a run here would differ from CI.
+# Tests of the cache set their own path; subprocesses inherit this one.
+os.environ["MOE_TUNE_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="moe-tune-"),
+                                            "kernel-tuning.json")
+os.environ.pop("MOE_AUTOTUNE", None)
 
 # ----- hypothesis ----------------------------------------------------------------------------
 # No deadline: the first call of a framework op (tracing, kernel selection) is slow and noisy.

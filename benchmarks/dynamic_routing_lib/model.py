@@ -48,7 +48,10 @@ class Arm:
 
 
 ARMS: dict[str, Arm] = {
-    "top1": Arm("top-1", {"strategy": "top_k", "k": 1}),
+    # Switch Transformer's top-1: the gate is the router probability. Renormalized (top_k's
+    # default) a single gate is always 1 and the router gets no gradient from the task loss,
+    # which would make top-1 (and the top-1/top-2 line) an unfairly weak baseline.
+    "top1": Arm("top-1", {"strategy": "top_k", "k": 1, "normalize_weights": False}),
     "top2": Arm("top-2", {"strategy": "top_k", "k": 2}),
     "top_p": Arm("top-p (p=0.4)", {"strategy": "top_p", "top_p": 0.4}),
     "top_p_entropy": Arm("top-p (p=0.4) + entropy loss",

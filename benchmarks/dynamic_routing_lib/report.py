@@ -72,6 +72,15 @@ def conclusions(data: Mapping[str, Any]) -> list[str]:
         if name and (line := _compare(data, name)):
             out.append(line)
     seed = data["meta"]["seeds"][0]
+    if "top1" in arms and "top2" in arms:
+        one, two = (next(r for r in arms[n]["runs"] if r["seed"] == seed) for n in ("top1",
+                                                                                   "top2"))
+        delta = one["val_bpb"] - two["val_bpb"]
+        out.append(f"Static baselines (seed {seed}): top-1 reached {one['val_bpb']:.3f} "
+                   f"bits/byte with {one['flops_rel_top2']:.2f}x top-2's expert FLOPs, top-2 "
+                   f"{two['val_bpb']:.3f}: one expert per token was "
+                   f"{'better' if delta < 0 else 'worse'} by {abs(delta):.3f} bits/byte at this "
+                   f"scale, so every saving against top-2 must also be read against top-1.")
     if static_frontier(arms, seed) is not None:
         dyn = [n for n, a in arms.items() if a["dynamic"]]
         excess = {n: excess_over_frontier(arms, n, seed) for n in dyn}
@@ -197,11 +206,14 @@ def render(data: Mapping[str, Any], docs: Path, out: Path) -> str:
               "are `RouterConfig` fields):", ""]
     lines += _table(["arm", "router settings"], [[a["label"], _settings(a)]
                                                   for a in arms.values()], left=2)
-    lines += ["", "Notes on the arms: ReLU routing runs without the z-loss, which pushes every "
+    lines += ["", "Notes on the arms: top-1 gates with the router probability, as the Switch "
+              "Transformer does (renormalized, a single gate would always be 1 and the router "
+              "would get no gradient from the task loss). ReLU routing runs without the z-loss, which pushes every "
               "logit below zero and so switches all ReLU gates off; its k is steered by "
               "ReMoE's adaptive L1 on the gates instead. The load-balancing loss of null-expert "
-              "routing uses the real experts' share of the softmax over experts and null "
-              "experts, so probability moved onto null experts lowers that loss.", "",
+              "routing is null-aware (AdaMoE): it balances over all E + N choices with the "
+              "null experts pooled, so moving probability onto the null experts does not "
+              "lower it for free.", "",
               "Expert FLOPs relative to top-2 = mean experts per token / 2 (null and dropped "
               "slots cost nothing); measured at evaluation (the routing a deployed model "
               "would use). Training k is the mean over all training steps.", "",

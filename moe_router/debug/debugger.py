@@ -27,7 +27,7 @@ from ..errors import InputError, InputTypeError
 from ..layer.observers import TraceConfig
 from . import digest as digests
 from .counters import FIELDS, MODES
-from .readout import delta_counts, trace_rows
+from .readout import counters_cover, delta_counts, export_state, trace_rows
 from .session import FORMAT, add_counts, empty_counts, offload_record, offload_store
 
 STATS = "routing_stats"
@@ -192,7 +192,7 @@ class MoEDebugger:
 
     def _sync(self) -> None:
         for entry in self._layers:
-            state = _export_state(entry.layer)
+            state = export_state(entry.layer)
             now = {f: np.asarray(state[STATS_PREFIX + f]) for f in FIELDS}
             last = entry.last or {f: np.zeros_like(v) for f, v in now.items()}
             for row, mode in enumerate(MODES):
@@ -235,7 +235,7 @@ class MoEDebugger:
         for entry in self._layers:
             if entry.layer.config.trace is None:
                 continue
-            state = _export_state(entry.layer)
+            state = export_state(entry.layer)
             rows.extend(trace_rows(entry.index, {k[len(TRACE_PREFIX):]: np.asarray(v)
                                                   for k, v in state.items()
                                                   if k.startswith(TRACE_PREFIX)}))
@@ -295,7 +295,7 @@ class MoEDebugger:
         r = entry.original.router
         return {"index": entry.index, "name": entry.name, "num_experts": entry.num_experts,
                 "max_slots": entry.max_slots, "strategy": r.strategy,
-                "counters_cover": _counters_cover(entry.layer),
+                "counters_cover": counters_cover(entry.layer),
                 "min_experts": r.min_experts, "max_experts": r.max_experts,
                 "config": _jsonable(dataclasses.asdict(entry.original))}
 
@@ -526,18 +526,3 @@ def _jsonable(value: Any) -> Any:
 def _iso(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat()
 
-
-def _pooled(layer: Any) -> bool:
-    """The layer pools its counters over ranks (an expert-parallel torch layer)."""
-    return bool(getattr(layer, "pool_stats", False))
-
-
-def _export_state(layer: Any) -> dict[str, Any]:
-    """The layer's state; an expert-parallel layer's counters summed over its ranks (a
-    collective: every rank's debugger reads at the same points)."""
-    return layer.export_state(across_ranks=True) if _pooled(layer) else layer.export_state()
-
-
-def _counters_cover(layer: Any) -> str:
-    """Which tokens the layer's counters count, in words (the session record says it)."""
-    return str(layer.stats_scope) if _pooled(layer) else "this process"

@@ -1,4 +1,5 @@
-"""Reading the on-device observer state on the host: counter differences and trace rows."""
+"""Reading the on-device observer state on the host: the state itself (pooled over ranks for an
+expert-parallel layer), counter differences and trace rows."""
 
 from __future__ import annotations
 
@@ -45,3 +46,19 @@ def trace_rows(layer: int, fields: Mapping[str, np.ndarray]) -> list[dict[str, A
                      "experts": fields["experts"][i][used].tolist(),
                      "weights": [float(w) for w in fields["weights"][i][used]]})
     return rows
+
+
+def _pooled(layer: Any) -> bool:
+    """The layer pools its counters over ranks (an expert-parallel torch layer)."""
+    return bool(getattr(layer, "pool_stats", False))
+
+
+def export_state(layer: Any) -> dict[str, Any]:
+    """The layer's state; an expert-parallel layer's counters summed over its ranks (a
+    collective: every rank's debugger reads at the same points)."""
+    return layer.export_state(across_ranks=True) if _pooled(layer) else layer.export_state()
+
+
+def counters_cover(layer: Any) -> str:
+    """Which tokens the layer's counters count, in words (the session record says it)."""
+    return str(layer.stats_scope) if _pooled(layer) else "this process"
