@@ -87,7 +87,9 @@ def tiles_ffn(b: Backend, x_SD: jax.Array, perm: Permutation, w: ExpertWeights,
         out_SD, _ = jax.lax.scan(tile_step, out_SD, jnp.arange(max_tiles, dtype=jnp.int32))
         return out_SD, None
 
-    out0 = jnp.zeros((S, w.w_down.shape[-1]), x_SD.dtype)
+    # zeros *like* the rows: inside shard_map the carry then varies over the mesh axes as the
+    # rows do (a plain jnp.zeros is invariant, and lax.cond refuses to join the two)
+    out0 = jnp.zeros_like(x_SD, shape=(S, w.w_down.shape[-1]))
     out_SD, _ = jax.lax.scan(expert_step, out0, jnp.arange(E, dtype=jnp.int32))
     return out_SD
 

@@ -365,13 +365,9 @@ def expert_parallel_apply(params: Mapping[str, jax.Array], x: jax.Array, config:
     state_spec = jax.tree.map(lambda _: P(), state)
     extra_spec = {name: P(axis) for name in extra}
     rng_spec = None if rng is None else P()
-    # check_vma=False: the jax:tiles kernel's lax.cond joins an invariant zero buffer with
-    # varying rows, which the vma check refuses; replicated outputs are made equal by
-    # construction (psum / pmean / all_gather), and the transpose stays exact without it
     fn = jax.shard_map(body, mesh=mesh,
                        in_specs=(pspecs, state_spec, P(axis), extra_spec, rng_spec),
-                       out_specs=(P(axis), P(axis), P(), P(axis), P(axis), state_spec),
-                       check_vma=False)
+                       out_specs=(P(axis), P(axis), P(), P(axis), P(axis), state_spec))
     args = ({n: _placed(v, mesh, pspecs[n]) for n, v in params.items()}, state,
             _placed(x, mesh, P(axis)), {n: _placed(v, mesh, P(axis)) for n, v in extra.items()},
             rng)
