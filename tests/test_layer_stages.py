@@ -126,7 +126,8 @@ CHECKS: dict[str, Callable[..., None]] = {
 
 
 def test_every_stage_has_a_check() -> None:
-    public = {name for name in vars(LayerStages) if not name.startswith("_")}
+    public = {name for name, value in vars(LayerStages).items()
+              if not name.startswith("_") and callable(value)}
     assert public == set(CHECKS), "add a comparison for each LayerStages stage"
 
 

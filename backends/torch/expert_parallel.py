@@ -14,7 +14,7 @@ What an expert-parallel layer equals: on every rank, the single-process layer ap
 rank's tokens (the same routing, capacity and drops from the rank's own T, the same aux loss);
 after :func:`sync_gradients` every parameter's gradient equals the single-process gradient of
 the sum (``average=False``) or the mean (``average=True``, DDP's convention) of the ranks' losses
-(``tests/torch/test_expert_parallel.py`` checks both, on gloo, with 2 and 4 processes).
+(``tests/torch/test_expert_parallel_torch.py`` checks both, on gloo, with 2 and 4 processes).
 
 Process groups (:class:`ExpertParallelGroups`): ``data`` holds every rank sharing the replicated
 parameters (router, shared expert, the rest of the model): the whole world by default;

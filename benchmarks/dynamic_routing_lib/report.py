@@ -207,13 +207,13 @@ def render(data: Mapping[str, Any], docs: Path, out: Path) -> str:
     lines += _table(["arm", "router settings"], [[a["label"], _settings(a)]
                                                   for a in arms.values()], left=2)
     lines += ["", "Notes on the arms: top-1 gates with the router probability, as the Switch "
-              "Transformer does (renormalized, a single gate would always be 1 and the router "
-              "would get no gradient from the task loss). ReLU routing runs without the z-loss, which pushes every "
-              "logit below zero and so switches all ReLU gates off; its k is steered by "
-              "ReMoE's adaptive L1 on the gates instead. The load-balancing loss of null-expert "
-              "routing is null-aware (AdaMoE): it balances over all E + N choices with the "
-              "null experts pooled, so moving probability onto the null experts does not "
-              "lower it for free.", "",
+              "Transformer does (renormalized, a single gate would always be 1 and the router would"
+              " get no gradient from the task loss). ReLU routing runs without the z-loss, which "
+              "pushes every logit below zero and so switches all ReLU gates off; its k is steered "
+              "by ReMoE's adaptive L1 on the gates instead. The load-balancing loss of null-expert "
+              "routing is null-aware (AdaMoE): it balances over all E + N choices with the null "
+              "experts pooled, so moving probability onto the null experts does not lower it for "
+              "free.", "",
               "Expert FLOPs relative to top-2 = mean experts per token / 2 (null and dropped "
               "slots cost nothing); measured at evaluation (the routing a deployed model "
               "would use). Training k is the mean over all training steps.", "",

@@ -1,4 +1,4 @@
-"""One rank of the expert-parallel equality tests (``tests/torch/test_expert_parallel.py``).
+"""One rank of the expert-parallel equality tests (``tests/torch/test_expert_parallel_torch.py``).
 
 Launched by ``torchrun --standalone --nproc-per-node W tests/torch/ep_worker.py OUT CASE...``:
 every rank runs each named case (the gloo backend, CPU, a 60 s collective timeout, so a hang

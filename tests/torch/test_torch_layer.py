@@ -340,14 +340,14 @@ def test_update_expert_bias_sums_counts_over_ranks(monkeypatch):
     before = layer.router.expert_bias.clone()
     reduced = []
 
-    def all_reduce(t):  # a second rank with the same counts
-        reduced.append(t.dtype)
+    def all_reduce(t, group=None):  # a second rank with the same counts
+        reduced.append((t.dtype, group))
         t.mul_(2)
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     new = layer.update_expert_bias()
-    assert reduced == [torch.int32]
+    assert reduced == [(torch.int32, None)]  # over the layer's stats_group: the default group
     expected = mr.losses.update_expert_bias(before, torch.from_numpy(2 * local), 0.1)
     torch.testing.assert_close(new, expected)
 

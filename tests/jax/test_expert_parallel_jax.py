@@ -3,7 +3,7 @@
 The checks need several devices, so they run in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` set before jax is imported (this process
 may already hold a one-device jax): this file is also the worker script (``python
-test_expert_parallel.py N``), which prints one JSON line of named results. One worker per device
+test_expert_parallel_jax.py N``), which prints one JSON line of named results. One worker per device
 count; each test below asserts on its share of the results, so a failure names the case.
 
 Reference: the single-device ``moe_router.flax.apply`` on each shard's tokens separately; the
