@@ -40,7 +40,7 @@ def plot_k_over_training(data: Mapping[str, Any], path: Path) -> Path:
 def plot_pareto(data: Mapping[str, Any], path: Path) -> Path:
     """Validation bits/byte against expert FLOPs relative to top-2: the first seed filled (every
     arm, paired), further seeds hollow; the static top-1 / top-2 line of the first seed."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10.5, 5))
     arms = data["arms"]
     for i, arm in enumerate(arms.values()):
         color = f"C{i % 10}"
@@ -60,7 +60,7 @@ def plot_pareto(data: Mapping[str, Any], path: Path) -> Path:
            title=f"Quality against expert compute (filled: seed {data['meta']['seeds'][0]}; "
                  "hollow: second seed)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the points
     return _save(fig, path)
 
 
