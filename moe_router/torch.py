@@ -16,6 +16,7 @@ from moe_router_backends.torch.expert_parallel import (
     expert_parallel,
     expert_parallel_groups,
     expert_parameters,
+    gather_experts,
     sync_gradients,
 )
 from moe_router_backends.torch.hf import (
@@ -36,6 +37,7 @@ register_hf_experts_lazily()
 
 __all__ = ["ExpertParallelGroups", "MoE", "TorchBackend", "UnknownFieldError", "calibrate",
            "expert_parallel", "expert_parallel_groups", "expert_parameters", "from_hf_block",
+           "gather_experts",
            "moe_layers", "moe_router_experts_forward", "register_hf_experts",
            "replace_moe_blocks", "set_strategy", "sync_gradients", "total_aux_loss",
            "use_moe_router_experts"]

@@ -397,6 +397,27 @@ def sync_gradients(model: nn.Module, groups: ExpertParallelGroups | None = None,
                 p.grad.div_(groups.data_size)
 
 
+@torch.no_grad()
+def gather_experts(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full ``(E, ...)`` expert parameters of every converted module, by their names in
+    ``model`` (``experts.w_up``, ``model.layers.0.mlp.experts.gate_up_proj``, ...), in logical
+    expert order (a replicated expert's first replica): what a single-process checkpoint holds.
+    A collective over each module's expert group: every rank calls it; every rank gets all."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        link = module.__dict__.get(EP_ATTR)
+        if link is None:
+            continue
+        P = link.groups.expert_size
+        first = torch.tensor([slots[0] for slots in link.placement.logical_to_physical])
+        for leaf, param in module.named_parameters(recurse=False):
+            pieces = [torch.empty_like(param) for _ in range(P)]
+            dist.all_gather(pieces, param.detach().contiguous(), group=link.groups.expert)
+            physical = torch.cat(pieces)  # rank r's slots at [r * S, (r + 1) * S)
+            out[f"{prefix}.{leaf}" if prefix else leaf] = physical[first.to(physical.device)]
+    return out
+
+
 def last_exchange(model: nn.Module) -> list[ExchangeStats | None]:
     """Rows sent / received per rank in each converted layer's last forward."""
     return [link.last_exchange for _, link in expert_containers(model)]

@@ -33,6 +33,7 @@ from moe_router.torch import (
     MoE,
     expert_parallel,
     expert_parallel_groups,
+    gather_experts,
     sync_gradients,
 )
 
@@ -82,6 +83,8 @@ def layer_case(case: str, config: MoEConfig, *, groups: Any = None, placement: A
             mine = {"y": y.detach(), "aux": plan.losses.total.detach(), "x_grad": x.grad,
                     "dropped": int(plan.num_dropped)}
     expert_parallel(ep, groups=groups, placement=placement)
+    full = dict(ref.named_parameters())
+    gathered = max(_max_diff(t, full[name]) for name, t in gather_experts(ep).items())
     x = xs[rank].clone().requires_grad_(True)
     kwargs = {} if forced is None else {"forced_experts": forced(x.shape[0])}
     y, plan = ep(x, return_plan=True, **kwargs)
@@ -97,7 +100,7 @@ def layer_case(case: str, config: MoEConfig, *, groups: Any = None, placement: A
         grads[name] = _max_diff(dict(ep.named_parameters())[name].grad, want)
     stats = ep._stages()._ep.last_exchange
     return {"y": _max_diff(y, mine["y"]), "aux": _max_diff(plan.losses.total, mine["aux"]),
-            "x_grad": _max_diff(x.grad, mine["x_grad"]), "grads": grads,
+            "x_grad": _max_diff(x.grad, mine["x_grad"]), "grads": grads, "gathered": gathered,
             "max_grad": max(grads.values()), "tokens": int(x.shape[0]),
             "dropped": int(plan.num_dropped), "ref_dropped": mine["dropped"],
             "received_rows": sum(stats.received_P), "sent_rows": sum(stats.sent_P),
@@ -170,6 +173,9 @@ def hf_case() -> dict[str, Any]:
         if r == rank:
             mine = logits.detach()
     converted = expert_parallel(ep)
+    full = dict(ref.named_parameters())
+    gathered = gather_experts(ep)
+    gathered_diff = max(_max_diff(t, full[name]) for name, t in gathered.items())
     logits = ep(input_ids=ids[rank]).logits
     logits.square().mean().backward()
     sync_gradients(ep, average=False)
@@ -182,7 +188,8 @@ def hf_case() -> dict[str, Any]:
         if link is not None and want is not None and want.shape[0] == 4:
             want = want[torch.tensor(link.local_experts)]
         worst = max(worst, _max_diff(ep_params[name].grad, want))
-    return {"converted": converted, "logits": _max_diff(logits, mine), "max_grad": worst}
+    return {"converted": converted, "logits": _max_diff(logits, mine), "max_grad": worst,
+            "gathered": gathered_diff, "gathered_names": len(gathered)}
 
 
 def errors_case() -> dict[str, Any]:

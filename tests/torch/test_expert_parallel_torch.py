@@ -68,6 +68,7 @@ def assert_equal_to_single_process(ranks: list[dict[str, Any]]) -> None:
         assert r["y"] <= TOL, (rank, r)
         assert r["aux"] <= TOL, (rank, r)
         assert r["x_grad"] <= TOL, (rank, r)
+        assert r["gathered"] == 0.0, (rank, r)  # gather_experts rebuilds the full weights
         bad = {name: d for name, d in r["grads"].items() if d > TOL}
         assert not bad, (rank, bad)
 
@@ -167,6 +168,7 @@ def test_transformers_model_with_our_experts(tmp_dir: str) -> None:
         assert r["converted"] == 2  # both layers' experts modules
         assert r["logits"] <= TOL
         assert r["max_grad"] <= TOL
+        assert r["gathered"] == 0.0 and r["gathered_names"] == 4  # 2 layers x 2 projections
 
 
 def test_errors_are_typed_without_a_process_group() -> None:
