@@ -45,12 +45,10 @@ from moe_router.backend import Array, Backend
 from moe_router.config import MoEConfig
 from moe_router.errors import ConfigError, InputError
 from moe_router.layer.experts import (
-    DispatchInfo,
     ExpertWeights,
     expert_weights,
+    local_expert_compute,
     permutation,
-    resolve_kernel,
-    run_kernel,
     slots_per_expert,
     unpermute,
 )
@@ -123,12 +121,10 @@ class ExpertParallelStages(LayerStages):
 
 def _local_ffn(b: Backend, x_ND: Array, ids_NK: Array, gates_NK: Array, w: ExpertWeights,
                config: MoEConfig, request: str, num_local: int, capacity: Any) -> Array:
-    """``(N, D)``: the local experts (ids in ``[0, L)``, ``-1`` = not here) on ``x_ND``, with
-    the kernel the policy picks for these sizes (the core's permute / kernel / unpermute)."""
-    info = DispatchInfo(num_tokens=int(x_ND.shape[0]), num_slots=int(ids_NK.shape[1]),
-                        num_experts=num_local, capacity=capacity, traced=True, config=config)
-    name = resolve_kernel(b, request, info, x_ND)
-    return run_kernel(b, name, x_ND, ids_NK, gates_NK, w, config.activation, info)
+    """``(N, D)``: the local experts (ids in ``[0, L)``, ``-1`` = not here) on ``x_ND``
+    (traced: inside ``shard_map``)."""
+    return local_expert_compute(b, x_ND, ids_NK, gates_NK, w, config, request, num_local,
+                                capacity=capacity, traced=True)
 
 
 def _local_capacity(b: Backend, config: MoEConfig, x_TD: Array, num_shards: int) -> Any:

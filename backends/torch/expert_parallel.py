@@ -42,15 +42,10 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_router.errors import ConfigError, InputError, InputTypeError
-from moe_router.layer.experts import (
-    DispatchInfo,
-    expert_weights,
-    resolve_kernel,
-    run_kernel,
-)
+from moe_router.layer.experts import expert_weights, local_expert_compute
 
 from .ep_exchange import ExchangeStats, SlotTable, exchange_experts
-from .hf_experts import EP_ATTR, is_hf_experts
+from .hf_experts import EP_ATTR, NAME, is_hf_experts
 from .layers import MoE
 
 
@@ -151,6 +146,8 @@ class _ExpertParallelStages:
     _ep: _Link
     #: the step must call ``experts`` even for zero tokens (the other ranks wait for this one)
     collective = True
+    #: the expert weights are spread over ranks (:meth:`MoE.derive_stages` refuses to combine)
+    replaces_expert_weights = True
 
     def experts(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor,
                 params: Mapping[str, torch.Tensor], config: Any,
@@ -168,13 +165,9 @@ class _ExpertParallelStages:
         def local(x_RD: torch.Tensor, slot_R: torch.Tensor) -> torch.Tensor:
             if not x_RD.shape[0]:
                 return _empty_output(x_RD, [t for t in w if t is not None])
-            info = DispatchInfo(num_tokens=int(x_RD.shape[0]), num_slots=1,
-                                num_experts=len(link.local_experts), capacity=None,
-                                traced=False, config=config)
-            name = resolve_kernel(b, request, info, x_RD)
             ones_R1 = x_RD.new_ones((x_RD.shape[0], 1), dtype=torch.float32)
-            return run_kernel(b, name, x_RD, slot_R[:, None], ones_R1, w, config.activation,
-                              info)
+            return local_expert_compute(b, x_RD, slot_R[:, None], ones_R1, w, config, request,
+                                        len(link.local_experts))
 
         return exchange_experts(x_TD, ids_TK, gates_TK, link.slot_table(x_TD.device),
                                 link.groups.expert, local, link.remember)
@@ -189,32 +182,30 @@ def _empty_output(x_RD: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tens
 
 
 def _convert_layer(layer: MoE, groups: ExpertParallelGroups, placement: Any) -> None:
-    stages = layer._stages()
-    if isinstance(stages, _ExpertParallelStages):
+    if isinstance(layer._stages(), _ExpertParallelStages):
         raise InputError("layer_or_model", "this layer is already expert-parallel")
-    if type(stages).__name__.startswith("Offloaded"):
-        raise InputError("layer_or_model", "offloaded experts and expert parallelism cannot be "
-                         "combined; remove the offload first")
     link = _make_link(groups, placement, layer.config.num_experts, "layer")
-    with torch.no_grad():
-        index = torch.tensor(link.local_experts, dtype=torch.long,
-                             device=layer.router.weight.device)
-        container = layer.experts
-        for leaf, param in list(container._parameters.items()):
-            container._parameters[leaf] = nn.Parameter(param.detach()[index].clone(),
-                                                       requires_grad=param.requires_grad)
-    container.__dict__[EP_ATTR] = link
-    cls = type(f"ExpertParallel{type(stages).__name__}", (_ExpertParallelStages, type(stages)),
-               {})
-    new = cls.__new__(cls)
-    new.__dict__.update(stages.__dict__)
-    new._ep = link
-    layer.set_stages(new)
+    stages = layer.derive_stages("ExpertParallel", _ExpertParallelStages,
+                                 argument="layer_or_model", _ep=link)
+    _keep_local_experts(layer.experts, link, layer.config.num_experts)
+    layer.set_stages(stages)
     layer.stats_group = groups.data
     layer.stats_scope = f"data-parallel group ({groups.describe()})"
     layer.pool_stats = True
     if layer.config.router.strategy_spec.stateful:
         layer.register_forward_hook(_average_router_state)
+
+
+@torch.no_grad()
+def _keep_local_experts(container: nn.Module, link: _Link, num_experts: int) -> None:
+    """Replace ``container``'s per-expert parameters (leading dim ``num_experts``) by this
+    rank's slices (its slots' experts, replicas included) and mark it converted."""
+    for leaf, param in list(container._parameters.items()):
+        if param is not None and param.dim() and param.shape[0] == num_experts:
+            index = torch.tensor(link.local_experts, dtype=torch.long, device=param.device)
+            container._parameters[leaf] = nn.Parameter(param.detach()[index].clone(),
+                                                       requires_grad=param.requires_grad)
+    container.__dict__[EP_ATTR] = link
 
 
 def _average_router_state(layer: MoE, args: Any, output: Any) -> None:
@@ -253,13 +244,7 @@ def _convert_hf_experts(experts: nn.Module, groups: ExpertParallelGroups, placem
     if EP_ATTR in experts.__dict__:
         raise InputError("layer_or_model", "this experts module is already expert-parallel")
     link = _make_link(groups, placement, int(experts.num_experts), "experts module")
-    with torch.no_grad():
-        for leaf, param in list(experts._parameters.items()):
-            if param is not None and param.dim() and param.shape[0] == experts.num_experts:
-                index = torch.tensor(link.local_experts, dtype=torch.long, device=param.device)
-                experts._parameters[leaf] = nn.Parameter(param.detach()[index].clone(),
-                                                         requires_grad=param.requires_grad)
-    experts.__dict__[EP_ATTR] = link
+    _keep_local_experts(experts, link, int(experts.num_experts))
     experts.num_experts = len(link.local_experts)
 
 
@@ -312,7 +297,7 @@ def expert_parallel(layer_or_model: nn.Module, group: Any = None, *,
             raise InputError("group", "an expert group smaller than the world needs the "
                              "expert-data groups too: pass groups=expert_parallel_groups(ep_size)")
     targets = [m for m in layer_or_model.modules() if isinstance(m, MoE)
-               or (is_hf_experts(m) and m.config._experts_implementation == "moe_router")]
+               or (is_hf_experts(m) and m.config._experts_implementation == NAME)]
     if not targets:
         raise InputError("layer_or_model", "found no moe-router MoE layer and no transformers "
                          "experts module using experts_implementation='moe_router'")
@@ -378,9 +363,9 @@ def sync_gradients(model: nn.Module, groups: ExpertParallelGroups | None = None,
     if replicated:
         _all_reduce(replicated, groups.data)
     for module, link in expert_containers(model):
-        grads = [p.grad for p in module.parameters() if p.requires_grad]
         if not link.placement.replicas_E.max() > 1:
             continue
+        grads = [p.grad for p in module.parameters() if p.requires_grad]
         index = torch.tensor(link.local_experts, dtype=torch.long, device=grads[0].device)
         for g in grads:  # sum the replicas of each logical expert: a logical-size buffer
             full = g.new_zeros((link.placement.num_experts, *g.shape[1:]))

@@ -438,6 +438,34 @@ class MoE(nn.Module):
             stages = self.__dict__["_stage_cache"] = _LayerStages(self.router)
         return stages
 
+    def derive_stages(self, prefix: str, mixin: type | None = None,
+                      members: Mapping[str, Any] | None = None, *, argument: str = "layer",
+                      **attributes: Any) -> _LayerStages:
+        """A stages object of a subclass of the current stages' class, named ``prefix`` + its
+        name: ``mixin`` in front and ``members`` added (e.g. the offloaded or the
+        expert-parallel ``experts`` stage), holding the current stages' fields plus
+        ``attributes``. Not installed: pass it to :meth:`set_stages`.
+
+        Raises:
+            InputError: naming ``argument``, when ``mixin`` and the current stages both set
+                ``replaces_expert_weights`` (offloaded and expert-parallel experts each take
+                the expert weights from elsewhere, so they do not combine; either twice
+                neither).
+        """
+        stages = self._stages()
+        base = type(stages)
+        if getattr(mixin, "replaces_expert_weights", False) and \
+                getattr(stages, "replaces_expert_weights", False):
+            raise InputError(argument, f"this layer's experts already come from "
+                             f"{base.__name__}, which {prefix} experts cannot be combined "
+                             f"with; restore the layer first (set_stages(None))")
+        cls = type(f"{prefix}{base.__name__}", (base,) if mixin is None else (mixin, base),
+                   dict(members or {}))
+        new = cls.__new__(cls)
+        new.__dict__.update(stages.__dict__)
+        new.__dict__.update(attributes)
+        return new
+
     def set_stages(self, stages: _LayerStages | None) -> None:
         """Run the layer step with ``stages`` (a subclass of the layer's own stages, e.g. the
         offloaded expert stage of :mod:`moe_router.offload`); ``None`` restores the default.

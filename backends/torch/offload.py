@@ -56,6 +56,8 @@ class _OffloadStages:
     """Mixin put in front of a layer's stages class: the ``experts`` stage from the store."""
 
     _offload: _Link
+    #: the expert weights come from the store (:meth:`MoE.derive_stages` refuses to combine)
+    replaces_expert_weights = True
 
     def experts(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor,
                 params: Any, config: Any, dispatch: str | None) -> torch.Tensor:
@@ -156,13 +158,10 @@ def _drop_experts(layer: MoE) -> None:
 def install(layers: Sequence[MoE], store: ExpertStore) -> None:
     """Serve the experts of ``layers`` (in forward order) from ``store``."""
     for i, layer in enumerate(layers):
-        base = type(layer._stages())
-        cls = type(f"Offloaded{base.__name__}", (_OffloadStages, base), {})
-        stages = cls.__new__(cls)
-        stages.__dict__.update(layer._stages().__dict__)
-        stages._offload = _Link(store, i, layers[i + 1] if i + 1 < len(layers) else None,
-                                store.config.prefetch_k)
-        layer.set_stages(stages)
+        link = _Link(store, i, layers[i + 1] if i + 1 < len(layers) else None,
+                     store.config.prefetch_k)
+        layer.set_stages(layer.derive_stages("Offloaded", _OffloadStages, argument="model",
+                                             _offload=link))
         _drop_experts(layer)
 
 

@@ -98,10 +98,7 @@ def _recording_stages(layer: MoE, index: int, tap: _Tap) -> Any:
         tap.see(index, x_TD, ids_TK)
         return base.experts(self, x_TD, ids_TK, *args)
 
-    cls = type(f"Recording{base.__name__}", (base,), {"experts": experts})
-    stages = cls.__new__(cls)
-    stages.__dict__.update(layer._stages().__dict__)
-    return stages
+    return layer.derive_stages("Recording", members={"experts": experts})
 
 
 def record_trace(model: nn.Module | Sequence[MoE], batches: Iterable[Any], *,

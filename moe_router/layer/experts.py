@@ -391,6 +391,20 @@ def expert_compute(b: Backend, x_TD: Array, ids_TK: Array, gates_TK: Array,
                       config.activation, info)
 
 
+def local_expert_compute(b: Backend, x_ND: Array, ids_NK: Array, gates_NK: Array,
+                         w: ExpertWeights, config: MoEConfig, request: str, num_experts: int, *,
+                         capacity: Any = None, traced: bool = False) -> Array:
+    """``(N, D)``: the ``num_experts`` experts of ``w`` (ids in ``[0, num_experts)``, ``-1`` =
+    none) on rows ``x_ND``, with the kernel ``request`` resolves to for these sizes: the
+    compute of expert parallelism on the rows one rank or device holds (permute, kernel,
+    unpermute, as the layer's own experts)."""
+    info = DispatchInfo(num_tokens=int(b.shape(x_ND)[0]), num_slots=int(b.shape(ids_NK)[1]),
+                        num_experts=num_experts, capacity=capacity, traced=traced,
+                        config=config)
+    name = resolve_kernel(b, request, info, x_ND)
+    return run_kernel(b, name, x_ND, ids_NK, gates_NK, w, config.activation, info)
+
+
 def run_kernel(b: Backend, name: str, x_TD: Array, ids_TK: Array, gates_TK: Array,
                w: ExpertWeights, activation: str, info: DispatchInfo, *,
                fallback: bool = True) -> Array:

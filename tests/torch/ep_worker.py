@@ -194,7 +194,8 @@ def hf_case() -> dict[str, Any]:
 
 def errors_case() -> dict[str, Any]:
     """Typed errors naming the argument: E not divisible, a placement of the wrong size, a
-    second conversion, a bad ep_size."""
+    second conversion, a bad ep_size, offload and expert parallelism combined (either order)."""
+    import moe_router.offload as mo
     from moe_router.errors import MoERouterError
     from moe_router.parallel import contiguous_placement
 
@@ -209,6 +210,10 @@ def errors_case() -> dict[str, Any]:
     twice = MoE(_config(k=2), seed=0)
     expert_parallel(twice)
     attempts["layer_or_model"] = lambda: expert_parallel(twice)
+    attempts["offload_after_ep"] = lambda: mo.offload_model(twice, experts_per_layer=2)
+    offloaded = MoE(_config(k=2), seed=0)
+    store = mo.offload_model(offloaded, experts_per_layer=2)
+    attempts["ep_after_offload"] = lambda: expert_parallel(offloaded)
     found = {}
     for expected, attempt in attempts.items():
         try:
@@ -217,6 +222,7 @@ def errors_case() -> dict[str, Any]:
         except MoERouterError as err:
             named = getattr(err, "argument", None) or getattr(err, "field", None)
             found[expected] = f"{type(err).__name__}:{named}"
+    store.close()
     return found
 
 

@@ -189,4 +189,6 @@ def test_errors_are_typed_and_name_the_argument(tmp_dir: str, world: int) -> Non
     for r in results(tmp_dir, world, "errors"):
         assert r == {"num_experts": "ConfigError:num_experts",
                      "placement": "InputError:placement", "ep_size": "InputError:ep_size",
-                     "layer_or_model": "InputError:layer_or_model"}, r
+                     "layer_or_model": "InputError:layer_or_model",
+                     "offload_after_ep": "InputError:model",
+                     "ep_after_offload": "InputError:layer_or_model"}, r
